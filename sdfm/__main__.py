@@ -1,0 +1,3 @@
+from sdfm.cli import main
+
+main()

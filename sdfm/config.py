@@ -1,0 +1,299 @@
+"""Typed configuration: dataclass sections, TOML presets, strict validation.
+
+A config is built in three layers: the defaults below, a TOML preset (``--config FILE``), then
+command-line overrides (``--section.field value``, parsed by tyro). Unknown keys and bad values are
+errors that name the key. The resolved config is written to ``config.toml`` in the run folder, so a run
+can be reproduced with ``sdfm train --config RUN/config.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sdfm.errors import UserError
+
+DataName = Literal["8gaussians", "moons", "checkerboard", "circles", "digits", "fashion-mnist", "file"]
+SourceName = Literal["normal", "moons", "8gaussians"]
+CouplingKind = Literal["independent", "exact", "sinkhorn"]
+SolverName = Literal["euler", "midpoint", "heun", "rk4", "dopri5"]
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """What to learn and where the noise comes from."""
+
+    name: DataName = "8gaussians"
+    """Dataset: a synthetic 2-D set, 'digits' (scikit-learn, 8x8), 'fashion-mnist' (28x28) or 'file'."""
+    path: str = ""
+    """For name='file': a .npy/.npz/.safetensors array of shape (N, ...) or a folder of images."""
+    source: SourceName = "normal"
+    """Source distribution x0 ~ p0: standard normal, or a 2-D set (moons, 8gaussians) for 2-D data."""
+    num_points: int = 20000
+    """Number of training points generated for synthetic sets (ignored for real data)."""
+    num_eval: int = 2000
+    """Held-out points kept aside for evaluation (taken from the data, never trained on)."""
+    max_points: int = 0
+    """Use at most this many training points (0 = all), e.g. a Fashion-MNIST subset on a small CPU."""
+    conditional: bool = False
+    """Train a class-conditional model (needs labels: digits, fashion-mnist, or a file with labels)."""
+    seed: int = 0
+    """Seed for generating synthetic data and for the train/eval split."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The velocity network v(t, x[, label])."""
+
+    kind: Literal["auto", "mlp", "unet"] = "auto"
+    """Network: 'auto' picks an MLP for vectors and a U-Net for images."""
+    hidden: int = 256
+    """MLP width."""
+    depth: int = 3
+    """MLP hidden layers."""
+    channels: int = 32
+    """U-Net base channel count (doubled at the lower resolution)."""
+    ema_decay: float = 0.999
+    """Decay of the exponential moving average of the weights used for sampling (0 disables EMA)."""
+
+
+@dataclass(kw_only=True)
+class CouplingConfig:
+    """How each noise sample is paired with a data point."""
+
+    kind: CouplingKind = "exact"
+    """independent (I-CFM), exact minibatch OT (OT-CFM) or entropic Sinkhorn on the batch."""
+    epsilon: float = 0.05
+    """Entropic regularization relative to the spread of the cost: the solver uses epsilon * std(C)."""
+    cost: Literal["sqeuclidean", "dot"] = "sqeuclidean"
+    """Ground cost: 0.5*|x-y|^2 or -<x,y> (the same coupling; the norms fold into the potentials)."""
+    backend: Literal["torch", "keops"] = "torch"
+    """Sinkhorn backend: blocked torch (chunked matmul + logsumexp) or KeOps LazyTensors."""
+    max_iter: int = 500
+    """Sinkhorn iteration budget per batch."""
+    tol: float = 1e-3
+    """Stop when the L1 error of the row marginal, sum_i |sum_j P_ij - a_i|, falls below this."""
+    check_every: int = 10
+    """Check the marginal error every this many iterations."""
+    warm_start: bool = True
+    """Start each batch's Sinkhorn from the previous batch's potentials."""
+    anneal_from: float = 0.0
+    """If > epsilon, anneal the relative epsilon geometrically from this value down to epsilon."""
+    block_size: int = 4096
+    """Rows/columns per block in the blocked torch backend (bounds memory to block_size^2 floats)."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Adam optimizer and learning-rate schedule."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 100
+    """Linear warm-up steps."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 4000
+    """Optimizer steps."""
+    batch_size: int = 256
+    """Pairs per step (also the minibatch-OT batch size)."""
+    seed: int = 0
+    """Seed of every random draw in training (noise, times, data order, coupling samples)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: 'auto' uses CUDA when present."""
+    log_every: int = 100
+    """Print one log line and write metrics every this many steps."""
+    ckpt_every: int = 1000
+    """Write a checkpoint every this many steps (and always at the end)."""
+    keep_last: int = 3
+    """Keep this many most recent checkpoints."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Evaluation after training and in ``sdfm eval``."""
+
+    num_samples: int = 2000
+    """Generated samples per evaluated solver setting."""
+    nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """Euler budgets (function evaluations) to evaluate."""
+    dopri5: bool = True
+    """Also evaluate the adaptive dopri5 solver and report the NFE it used."""
+    rtol: float = 1e-4
+    """dopri5 relative tolerance."""
+    atol: float = 1e-4
+    """dopri5 absolute tolerance."""
+    seed: int = 1234
+    """Seed of the evaluation noise."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    """A complete sdfm training configuration."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model."""
+    coupling: CouplingConfig = field(default_factory=CouplingConfig)
+    """Coupling."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+
+
+def validate(cfg: Config) -> Config:
+    """Check values that types alone cannot; raise UserError naming the key and the fix."""
+
+    def need(ok: bool, key: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise UserError(f"{key} = {value!r} is invalid: it must be {rule}; set it with --{key} or in the config file")
+
+    c = cfg
+    need(c.coupling.epsilon > 0 and math.isfinite(c.coupling.epsilon), "coupling.epsilon", c.coupling.epsilon, "> 0")
+    need(c.coupling.anneal_from >= 0, "coupling.anneal_from", c.coupling.anneal_from, ">= 0")
+    need(c.coupling.max_iter >= 1, "coupling.max_iter", c.coupling.max_iter, ">= 1")
+    need(c.coupling.tol > 0, "coupling.tol", c.coupling.tol, "> 0")
+    need(c.coupling.check_every >= 1, "coupling.check_every", c.coupling.check_every, ">= 1")
+    need(c.coupling.block_size >= 1, "coupling.block_size", c.coupling.block_size, ">= 1")
+    need(c.train.steps >= 1, "train.steps", c.train.steps, ">= 1")
+    need(c.train.batch_size >= 2, "train.batch_size", c.train.batch_size, ">= 2")
+    need(c.train.log_every >= 1, "train.log_every", c.train.log_every, ">= 1")
+    need(c.train.ckpt_every >= 1, "train.ckpt_every", c.train.ckpt_every, ">= 1")
+    need(c.train.keep_last >= 1, "train.keep_last", c.train.keep_last, ">= 1")
+    need(c.optim.lr > 0, "optim.lr", c.optim.lr, "> 0")
+    need(c.optim.warmup_steps >= 0, "optim.warmup_steps", c.optim.warmup_steps, ">= 0")
+    need(c.optim.grad_clip >= 0, "optim.grad_clip", c.optim.grad_clip, ">= 0")
+    need(0 <= c.model.ema_decay < 1, "model.ema_decay", c.model.ema_decay, "in [0, 1)")
+    need(c.model.hidden >= 1 and c.model.depth >= 1, "model.hidden", c.model.hidden, ">= 1 (and model.depth >= 1)")
+    need(c.model.channels >= 8 and c.model.channels % 8 == 0, "model.channels", c.model.channels, "a multiple of 8")
+    need(c.data.num_points >= 2, "data.num_points", c.data.num_points, ">= 2")
+    need(c.data.num_eval >= 2, "data.num_eval", c.data.num_eval, ">= 2")
+    need(c.data.max_points >= 0, "data.max_points", c.data.max_points, ">= 0")
+    need(c.data.name != "file" or bool(c.data.path), "data.path", c.data.path, "set when data.name = 'file'")
+    need(c.eval.num_samples >= 2, "eval.num_samples", c.eval.num_samples, ">= 2")
+    need(all(k >= 1 for k in c.eval.nfe), "eval.nfe", c.eval.nfe, "a list of positive integers")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- TOML in and out
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to the annotated type ``tp`` or raise UserError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(a) for a in typing.get_args(tp))
+            raise UserError(f"{key} = {value!r} is not a known choice; use one of {choices}")
+        return value
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(tp)[:1]
+        if not isinstance(value, list):
+            raise UserError(f"{key} must be a list, got {value!r}")
+        return [_check_value(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check_value(key, value, arg)
+            except UserError:
+                pass
+        raise UserError(f"{key} = {value!r} has the wrong type; expected {tp}")
+    if tp is type(None):
+        if value is not None:
+            raise UserError(f"{key} must be empty")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{key} = {value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key} = {value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key} = {value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{key} = {value!r} must be a string")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from nested dict ``data``; unknown keys and bad types are UserErrors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise UserError(f"unknown config key '{full}'; known keys{' in [' + prefix[:-1] + ']' if prefix else ''}: {known}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{full}' must be a [{full}] table")
+            kwargs[key] = from_dict(tp, value, prefix=f"{full}.")
+        else:
+            kwargs[key] = _check_value(full, value, tp)
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a TOML preset into a validated Config."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass an existing TOML file to --config (see launch/configs/)")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} is not valid TOML ({e}); fix the file") from None
+    return validate(from_dict(Config, data))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} to TOML")
+
+
+def dumps(cfg: Config) -> str:
+    """The config as TOML text that ``load_config`` reads back to an equal Config."""
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
