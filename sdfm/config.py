@@ -38,7 +38,7 @@ class DataConfig:
     num_points: int = 20000
     """Number of training points generated for synthetic sets (ignored for real data)."""
     num_eval: int = 2000
-    """Held-out points kept aside for evaluation (taken from the data, never trained on)."""
+    """Held-out points for evaluation, never trained on (at most a fifth of a dataset without a test split)."""
     max_points: int = 0
     """Use at most this many training points (0 = all), e.g. a Fashion-MNIST subset on a small CPU."""
     conditional: bool = False
@@ -123,6 +123,8 @@ class TrainConfig:
     """Write a checkpoint every this many steps (and always at the end)."""
     keep_last: int = 3
     """Keep this many most recent checkpoints."""
+    eval_at_end: bool = True
+    """After the last step, draw samples, save a picture and write the evaluation summary."""
 
 
 @dataclass(kw_only=True)
