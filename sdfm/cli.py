@@ -17,7 +17,7 @@ COMMANDS = {
     "train": "train a flow-matching model (sdfm train --config FILE [--run-dir DIR] [--resume] [--section.field VALUE ...])",
     "sample": "draw samples from a trained run into a .npy or .png file",
     "eval": "evaluate a trained run (W2, MMD, NPE, straightness, classifier FD) and write RUN/eval/",
-    "bench": "benchmarks: `sdfm bench sinkhorn` (time per iteration and marginal error beside POT and GeomLoss)",
+    "bench": "benchmarks: `sdfm bench sinkhorn` (speed beside POT, GeomLoss), `sdfm bench quality` (W2/NPE per coupling)",
     "train-classifier": "train and cache the feature classifier used for Fréchet distances (digits, fashion-mnist)",
 }
 
@@ -128,7 +128,7 @@ def cmd_eval(argv: list[str]) -> None:
 
 
 def cmd_bench(argv: list[str]) -> None:
-    workloads = {"sinkhorn": "sdfm.bench.sinkhorn"}
+    workloads = {"sinkhorn": "sdfm.bench.sinkhorn", "quality": "sdfm.bench.quality"}
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: sdfm bench WORKLOAD [options]\n\nworkloads:\n" + "\n".join(f"  {k}" for k in workloads))
         return
