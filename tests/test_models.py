@@ -1,0 +1,152 @@
+"""Velocity networks, build_model and the weight EMA."""
+
+import pytest
+import torch
+from torch import nn
+
+from sdfm.errors import UserError
+from sdfm.models import EMA, MLP, FlatMLP, UNet, build_model
+
+
+def _inputs(shape, batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, generator=g), torch.randn(batch, *shape, generator=g)
+
+
+@pytest.mark.parametrize("num_classes", [0, 10])
+@pytest.mark.parametrize("size", [28, 8])
+def test_unet_shapes(size, num_classes):
+    model = UNet(in_channels=1, image_size=size, channels=16, num_classes=num_classes)
+    t, x = _inputs((1, size, size))
+    assert model(t, x).shape == x.shape
+    if num_classes:
+        labels = torch.tensor([0, 3, 9, num_classes])  # the last one is the null class
+        assert model(t, x, labels).shape == x.shape
+
+
+@pytest.mark.parametrize("num_classes", [0, 10])
+def test_mlp_shapes(num_classes):
+    model = MLP(dim=5, hidden=32, depth=2, num_classes=num_classes)
+    t, x = _inputs((5,))
+    assert model(t, x).shape == x.shape
+    if num_classes:
+        assert model(t, x, torch.tensor([0, 1, 2, 9])).shape == x.shape
+
+
+def test_labels_change_the_output_and_none_means_null_class():
+    torch.manual_seed(0)
+    model = MLP(dim=3, hidden=16, depth=2, num_classes=4)
+    t, x = _inputs((3,))
+    null = torch.full((4,), 4)
+    torch.testing.assert_close(model(t, x), model(t, x, null))
+    assert not torch.allclose(model(t, x, torch.zeros(4, dtype=torch.long)), model(t, x, null))
+
+
+def test_unconditional_model_rejects_labels():
+    model = MLP(dim=3, hidden=16, depth=1)
+    t, x = _inputs((3,))
+    with pytest.raises(ValueError, match="num_classes=0"):
+        model(t, x, torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "model, shape",
+    [(MLP(4, hidden=16, depth=2, num_classes=3), (4,)), (UNet(1, 8, channels=8, num_classes=3), (1, 8, 8))],
+)
+def test_gradients_reach_every_parameter(model, shape):
+    t, x = _inputs(shape)
+    labels = torch.tensor([0, 1, 2, 3])
+    model(t, x, labels).pow(2).sum().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_time_changes_the_output():
+    model = UNet(1, 8, channels=8)
+    _, x = _inputs((1, 8, 8))
+    assert not torch.allclose(model(torch.zeros(4), x), model(torch.ones(4), x))
+
+
+def test_unet_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        UNet(1, 10)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        UNet(1, 8, channels=12)
+    with pytest.raises(ValueError, match="expects x of shape"):
+        UNet(1, 8, channels=8)(torch.rand(2), torch.randn(2, 1, 4, 4))
+
+
+def test_build_model_auto_choice():
+    assert isinstance(build_model("auto", (1, 8, 8), 0, 16, 2, 8), UNet)
+    assert isinstance(build_model("auto", (2,), 0, 16, 2, 8), MLP)
+    flat = build_model("mlp", (1, 8, 8), 10, 16, 2, 8)
+    assert isinstance(flat, FlatMLP)
+    t, x = _inputs((1, 8, 8))
+    assert flat(t, x, torch.tensor([0, 1, 2, 3])).shape == x.shape
+
+
+def test_build_model_errors():
+    with pytest.raises(UserError, match="model.kind='unet' needs image data.*'mlp' or 'auto'"):
+        build_model("unet", (2,), 0, 16, 2, 8)
+    with pytest.raises(UserError, match="model.kind='transformer'"):
+        build_model("transformer", (2,), 0, 16, 2, 8)
+    with pytest.raises(UserError, match="divisible by 4"):
+        build_model("unet", (1, 10, 10), 0, 16, 2, 8)
+    with pytest.raises(UserError, match="model.channels"):
+        build_model("unet", (1, 8, 8), 0, 16, 2, 12)
+
+
+def test_models_are_deterministic_given_seed():
+    def build_and_run():
+        torch.manual_seed(123)
+        model = build_model("auto", (1, 8, 8), 10, 16, 2, 8)
+        t, x = _inputs((1, 8, 8), seed=1)
+        return model(t, x, torch.tensor([0, 1, 2, 3]))
+
+    torch.testing.assert_close(build_and_run(), build_and_run(), rtol=0, atol=0)
+
+
+def _perturb(model: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+
+
+def test_ema_update_math():
+    model = UNet(1, 8, channels=8)
+    ema = EMA(model, decay=0.9)
+    old = [p.detach().clone() for p in ema.module.parameters()]
+    _perturb(model, 0)
+    ema.update(model)
+    for before, new, shadow in zip(old, model.parameters(), ema.module.parameters(), strict=True):
+        torch.testing.assert_close(shadow, 0.9 * before + 0.1 * new.detach())
+    assert not ema.module.training
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_ema_decay_zero_copies_and_buffers_follow():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = EMA(model, decay=0.0)
+    _perturb(model, 1)
+    model(torch.randn(8, 3))  # moves the BatchNorm running statistics
+    ema.update(model)
+    for name, value in model.state_dict().items():
+        assert torch.equal(ema.module.state_dict()[name], value), name
+
+
+def test_ema_state_round_trip():
+    model = MLP(3, hidden=8, depth=1)
+    ema = EMA(model, decay=0.5)
+    _perturb(model, 2)
+    ema.update(model)
+    restored = EMA(MLP(3, hidden=8, depth=1), decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    for name, value in ema.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], value), name
+
+
+def test_ema_rejects_bad_decay():
+    with pytest.raises(ValueError, match="decay"):
+        EMA(MLP(2, hidden=4, depth=1), decay=1.5)
