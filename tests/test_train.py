@@ -188,7 +188,7 @@ def test_unknown_key_in_config_file_exits_2(tmp_path):
 
 def test_corrupted_checkpoint_falls_back_then_fails(tmp_path):
     run = tmp_path / "run"
-    r = sdfm("train", "--run-dir", run, "--train.steps", "40", "--train.ckpt_every", "20", "--train.eval_at_end", "False", *TINY)
+    r = sdfm("train", "--run-dir", run, *TINY, "--train.steps", "40", "--train.ckpt_every", "20", "--train.eval_at_end", "False")
     assert r.returncode == 0, r.stderr
     newest = run / "checkpoints" / "step-00000040"
     model = newest / "model.safetensors"
