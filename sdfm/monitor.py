@@ -37,11 +37,15 @@ class Monitor:
         from torch.utils.tensorboard import SummaryWriter
 
         self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
-        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step if start_step else None)
+        self.tb = SummaryWriter(
+            str(Path(run_dir) / "tensorboard"), purge_step=start_step if start_step else None
+        )
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False
+            )
         self._t0 = time.time()
 
     def print(self, msg: str) -> None:

@@ -20,11 +20,15 @@ def image_grid(images: Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
     grid = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for i in range(b):
         r, c = divmod(i, ncol)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = x[i].transpose(1, 2, 0)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = (
+            x[i].transpose(1, 2, 0)
+        )
     return grid
 
 
-def scatter_2d(samples: Tensor, data: Tensor, trajectory: Tensor | None = None, title: str = "") -> np.ndarray:
+def scatter_2d(
+    samples: Tensor, data: Tensor, trajectory: Tensor | None = None, title: str = ""
+) -> np.ndarray:
     """Plot 2-D samples over held-out data and, when given, trajectories (S+1, B, 2); (H, W, 3) uint8."""
     import matplotlib
 

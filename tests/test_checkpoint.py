@@ -8,7 +8,9 @@ from sdfm.errors import UserError
 
 
 def _save(m, step, value):
-    return m.save(step, {"model": {"w": torch.full((3,), float(value))}}, {"optimizer": {"lr": value}}, {"note": value})
+    return m.save(
+        step, {"model": {"w": torch.full((3,), float(value))}}, {"optimizer": {"lr": value}}, {"note": value}
+    )
 
 
 def test_roundtrip_latest_and_prune(tmp_path):

@@ -47,7 +47,9 @@ def test_digits_labels_and_split():
     assert sum(tuple(r) in train for r in d.x_eval.flatten(1).numpy().round(4)) < 10
 
 
-@pytest.mark.skipif(not fashion_mnist_available(), reason="Debian package dataset-fashion-mnist not installed")
+@pytest.mark.skipif(
+    not fashion_mnist_available(), reason="Debian package dataset-fashion-mnist not installed"
+)
 def test_fashion_mnist_subset():
     d = load_dataset(DataConfig(name="fashion-mnist", max_points=5000, num_eval=500))
     assert d.x.shape == (5000, 1, 28, 28) and d.x_eval.shape == (500, 1, 28, 28)
@@ -78,7 +80,9 @@ def test_image_folder_with_classes(tmp_path):
     for cls in ("cat", "dog"):
         (tmp_path / cls).mkdir()
         for i in range(10):
-            Image.fromarray(rng.integers(0, 256, size=(8, 8), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, size=(8, 8), dtype=np.uint8)).save(
+                tmp_path / cls / f"{i}.png"
+            )
     d = load_dataset(DataConfig(name="file", path=str(tmp_path), conditional=True))
     assert d.shape == (1, 8, 8) and d.num_classes == 2
 
@@ -122,7 +126,7 @@ def test_data_stream_resumes_exactly():
         b.next()
     c = DataStream(10, 3, seed=5)
     c.load_state_dict(b.state_dict())
-    assert all(torch.equal(x, y) for x, y in zip(seq[4:], [c.next() for _ in range(3)]))
+    assert all(torch.equal(x, y) for x, y in zip(seq[4:], [c.next() for _ in range(3)], strict=True))
     # each epoch visits distinct points
     assert len(set(torch.cat(seq[:3]).tolist())) == 9
     with pytest.raises(UserError, match="batch_size"):

@@ -75,29 +75,77 @@ def test_loss_decreases_on_moons(tmp_path):
 def sdfm(*args, cwd=None, timeout=300):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "sdfm", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+        [sys.executable, "-m", "sdfm", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
     )
 
 
 TINY = [
-    "--data.num_points", "600", "--data.num_eval", "200", "--model.hidden", "64", "--train.batch_size", "64",
-    "--train.log_every", "50", "--train.ckpt_every", "100", "--eval.num_samples", "200", "--eval.nfe", "1", "4",
+    "--data.num_points",
+    "600",
+    "--data.num_eval",
+    "200",
+    "--model.hidden",
+    "64",
+    "--train.batch_size",
+    "64",
+    "--train.log_every",
+    "50",
+    "--train.ckpt_every",
+    "100",
+    "--eval.num_samples",
+    "200",
+    "--eval.nfe",
+    "1",
+    "4",
 ]
 
 
 @pytest.mark.slow
 def test_train_sample_eval_end_to_end(tmp_path):
     run = tmp_path / "run"
-    r = sdfm("train", "--config", ROOT / "launch/configs/default.toml", "--run-dir", run, "--train.steps", "200", *TINY)
+    r = sdfm(
+        "train",
+        "--config",
+        ROOT / "launch/configs/default.toml",
+        "--run-dir",
+        run,
+        "--train.steps",
+        "200",
+        *TINY,
+    )
     assert r.returncode == 0, r.stderr
-    for rel in ["config.toml", "metrics.jsonl", "eval/samples.png", "eval/summary.md", "eval/eval.json", "checkpoints/latest"]:
+    for rel in [
+        "config.toml",
+        "metrics.jsonl",
+        "eval/samples.png",
+        "eval/summary.md",
+        "eval/eval.json",
+        "checkpoints/latest",
+    ]:
         assert (run / rel).exists(), rel
     assert "samples picture" in r.stderr and "step     200" in r.stderr
     result = json.loads((run / "eval/eval.json").read_text())
     assert [row["nfe"] for row in result["rows"]][:2] == [1, 4] and result["rows"][-1]["solver"] == "dopri5"
     assert all(row["w2"] > 0 for row in result["rows"]) and result["flow"]["npe"] >= 0
 
-    r = sdfm("sample", "--run-dir", run, "--num", "50", "--nfe", "4", "--solver", "rk4", "--out", tmp_path / "s.npy")
+    r = sdfm(
+        "sample",
+        "--run-dir",
+        run,
+        "--num",
+        "50",
+        "--nfe",
+        "4",
+        "--solver",
+        "rk4",
+        "--out",
+        tmp_path / "s.npy",
+    )
     assert r.returncode == 0, r.stderr
     import numpy as np
 
@@ -120,7 +168,9 @@ def test_train_sample_eval_end_to_end(tmp_path):
 
 
 def test_python_m_sdfm_train_help():
-    r = subprocess.run([sys.executable, "-m", "sdfm.train", "--help"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "sdfm.train", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "--coupling.kind" in r.stdout and "--resume" in r.stdout
 
 
@@ -140,7 +190,10 @@ def _assert_clean_error(r, *needles):
 @pytest.mark.parametrize(
     "args, needles",
     [
-        (["--data.name", "file", "--data.path", "/no/such/file.npy"], ["error:", "/no/such/file.npy", "does not exist"]),
+        (
+            ["--data.name", "file", "--data.path", "/no/such/file.npy"],
+            ["error:", "/no/such/file.npy", "does not exist"],
+        ),
         (["--coupling.epsilon", "0"], ["error:", "coupling.epsilon"]),
         (["--coupling.epsilon", "-0.5"], ["error:", "coupling.epsilon"]),
         (["--coupling.kind", "magic"], ["coupling.kind"]),
@@ -188,7 +241,18 @@ def test_unknown_key_in_config_file_exits_2(tmp_path):
 
 def test_corrupted_checkpoint_falls_back_then_fails(tmp_path):
     run = tmp_path / "run"
-    r = sdfm("train", "--run-dir", run, *TINY, "--train.steps", "40", "--train.ckpt_every", "20", "--train.eval_at_end", "False")
+    r = sdfm(
+        "train",
+        "--run-dir",
+        run,
+        *TINY,
+        "--train.steps",
+        "40",
+        "--train.ckpt_every",
+        "20",
+        "--train.eval_at_end",
+        "False",
+    )
     assert r.returncode == 0, r.stderr
     newest = run / "checkpoints" / "step-00000040"
     model = newest / "model.safetensors"
@@ -209,4 +273,6 @@ def test_run_dir_rules(tmp_path):
     _assert_clean_error(sdfm("train", "--run-dir", tmp_path / "stuff"), "not empty")
     assert (tmp_path / "stuff" / "notes.txt").read_text() == "mine"
     _assert_clean_error(sdfm("train", "--run-dir", tmp_path / "x", "--resume", "--overwrite"), "contradict")
-    _assert_clean_error(sdfm("sample", "--run-dir", tmp_path / "stuff", "--out", tmp_path / "o.npy"), "no sdfm run")
+    _assert_clean_error(
+        sdfm("sample", "--run-dir", tmp_path / "stuff", "--out", tmp_path / "o.npy"), "no sdfm run"
+    )

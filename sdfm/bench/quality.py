@@ -38,7 +38,9 @@ def task_config(task: str, coupling: str, steps: int, seed: int) -> Config:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="sdfm bench quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sdfm bench quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", default=",".join(TASKS))
@@ -58,18 +60,35 @@ def main(argv: list[str]) -> int:
             trainer = Trainer(cfg, run_dir)
             trainer.train()
             train_s = time.perf_counter() - t0
-            run = LoadedRun(cfg=cfg, data=trainer.data, model=trainer.ema.module.eval(), step=trainer.step, run_dir=run_dir)
+            run = LoadedRun(
+                cfg=cfg,
+                data=trainer.data,
+                model=trainer.ema.module.eval(),
+                step=trainer.step,
+                run_dir=run_dir,
+            )
             res = evaluate(run, num_samples=cfg.eval.num_samples, nfe=nfe, dopri5=False, log=lambda s: None)
-            row = {"task": task, "coupling": coupling, "train_s": round(train_s, 1), "npe": res["flow"]["npe"]}
+            row = {
+                "task": task,
+                "coupling": coupling,
+                "train_s": round(train_s, 1),
+                "npe": res["flow"]["npe"],
+            }
             row.update({f"w2_nfe{r['nfe']}": r["w2"] for r in res["rows"]})
             rows.append(row)
             print(json.dumps(row), flush=True)
     header = ["task", "coupling"] + [f"W2 @{k}" for k in nfe] + ["NPE", "train s"]
-    print(f"\n{a.steps} steps, batch 256, seed {a.seed}; {platform.processor() or platform.machine()}, torch {torch.__version__}\n")
+    print(
+        f"\n{a.steps} steps, batch 256, seed {a.seed}; {platform.processor() or platform.machine()}, torch {torch.__version__}\n"
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        cells = [r["task"], r["coupling"]] + [f"{r[f'w2_nfe{k}']:.3f}" for k in nfe] + [f"{r['npe']:.3f}", f"{r['train_s']:.0f}"]
+        cells = (
+            [r["task"], r["coupling"]]
+            + [f"{r[f'w2_nfe{k}']:.3f}" for k in nfe]
+            + [f"{r['npe']:.3f}", f"{r['train_s']:.0f}"]
+        )
         print("| " + " | ".join(cells) + " |")
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))

@@ -67,7 +67,9 @@ def _split(x: np.ndarray, labels: np.ndarray | None, num_eval: int, seed: int, w
     """Hold out min(num_eval, N // 5) points chosen by a seeded permutation."""
     num_eval = min(num_eval, len(x) // 5)
     if num_eval < 2:
-        raise UserError(f"{what} has only {len(x)} points; sdfm needs at least 10 to hold some out for evaluation")
+        raise UserError(
+            f"{what} has only {len(x)} points; sdfm needs at least 10 to hold some out for evaluation"
+        )
     perm = np.random.default_rng(seed).permutation(len(x))
     ev, tr = perm[:num_eval], perm[num_eval:]
     return x[tr], None if labels is None else labels[tr], x[ev], None if labels is None else labels[ev]
@@ -87,16 +89,22 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         x_eval, labels_eval = files.load_fashion_mnist("test")
         x_eval, labels_eval = x_eval[: cfg.num_eval], labels_eval[: cfg.num_eval]
     elif cfg.name == "file":
-        x, labels, x_eval, labels_eval = _split(*files.load_file(cfg.path), cfg.num_eval, cfg.seed, f"data.path {cfg.path}")
+        x, labels, x_eval, labels_eval = _split(
+            *files.load_file(cfg.path), cfg.num_eval, cfg.seed, f"data.path {cfg.path}"
+        )
     else:
         raise UserError(f"unknown data.name '{cfg.name}'")
     if cfg.source != "normal" and x.shape[1:] != (2,):
-        raise UserError(f"data.source='{cfg.source}' is a 2-D distribution but the data has shape {x.shape[1:]}; use data.source='normal'")
+        raise UserError(
+            f"data.source='{cfg.source}' is a 2-D distribution but the data has shape {x.shape[1:]}; use data.source='normal'"
+        )
     if cfg.max_points and cfg.max_points < len(x):
         keep = np.sort(np.random.default_rng(cfg.seed + 1).permutation(len(x))[: cfg.max_points])
         x, labels = x[keep], None if labels is None else labels[keep]
     if cfg.conditional and labels is None:
-        raise UserError(f"data.conditional=true needs labels but '{cfg.name}' has none; set data.conditional=false")
+        raise UserError(
+            f"data.conditional=true needs labels but '{cfg.name}' has none; set data.conditional=false"
+        )
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     lt = None if labels is None else torch.from_numpy(labels)
     name = cfg.name if cfg.name != "file" else f"file:{cfg.path}"
@@ -106,7 +114,9 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         labels=lt,
         x_eval=torch.from_numpy(np.ascontiguousarray(x_eval, dtype=np.float32)),
         labels_eval=None if labels_eval is None else torch.from_numpy(labels_eval),
-        num_classes=0 if labels is None else int(max(labels.max(), labels_eval.max() if labels_eval is not None else 0)) + 1,
+        num_classes=0
+        if labels is None
+        else int(max(labels.max(), labels_eval.max() if labels_eval is not None else 0)) + 1,
         fingerprint=fingerprint(xt, lt),
     )
 
@@ -121,7 +131,9 @@ class DataStream:
 
     def __init__(self, n: int, batch_size: int, seed: int):
         if batch_size > n:
-            raise UserError(f"train.batch_size={batch_size} is larger than the {n} training points; lower train.batch_size")
+            raise UserError(
+                f"train.batch_size={batch_size} is larger than the {n} training points; lower train.batch_size"
+            )
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.epoch, self.batch = 0, 0
         self._perm: Tensor | None = None
@@ -142,7 +154,13 @@ class DataStream:
         return idx
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "n": self.n, "batch_size": self.batch_size}
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "seed": self.seed,
+            "n": self.n,
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["n"] != self.n or state["batch_size"] != self.batch_size:

@@ -75,7 +75,9 @@ def _to_training_layout(x: np.ndarray, path: Path) -> np.ndarray:
     elif x.ndim == 4 and x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     elif x.ndim == 4 and x.shape[1] not in (1, 3):
-        raise UserError(f"{path}: cannot tell the channel axis of images of shape {x.shape}; use (N, C, H, W) with C = 1 or 3")
+        raise UserError(
+            f"{path}: cannot tell the channel axis of images of shape {x.shape}; use (N, C, H, W) with C = 1 or 3"
+        )
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).reshape(len(x), -1).any(1).sum())
         raise UserError(f"{path}: {bad} sample(s) contain NaN or Inf; clean the data before training")
@@ -94,7 +96,9 @@ def _check_labels(labels: np.ndarray | None, n: int, path: Path) -> np.ndarray |
         return None
     labels = np.asarray(labels).reshape(-1)
     if len(labels) != n or not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
-        raise UserError(f"{path}: labels must be {n} non-negative integers (got shape {labels.shape}, dtype {labels.dtype})")
+        raise UserError(
+            f"{path}: labels must be {n} non-negative integers (got shape {labels.shape}, dtype {labels.dtype})"
+        )
     return labels.astype(np.int64)
 
 
@@ -103,7 +107,9 @@ def _load_image_folder(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise UserError(f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); point data.path at image files")
+        raise UserError(
+            f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); point data.path at image files"
+        )
     # One sub-folder per class gives labels, as in torchvision's ImageFolder.
     classes = sorted({p.parent.relative_to(path).as_posix() for p in files})
     images = []
@@ -116,9 +122,15 @@ def _load_image_folder(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
             raise UserError(f"{p}: cannot read image ({e}); remove or fix the file") from None
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
-        raise UserError(f"{path}: images have different sizes {sorted(shapes)[:3]}...; resize them to one size")
+        raise UserError(
+            f"{path}: images have different sizes {sorted(shapes)[:3]}...; resize them to one size"
+        )
     x = np.stack(images)
-    labels = np.array([classes.index(p.parent.relative_to(path).as_posix()) for p in files]) if len(classes) > 1 else None
+    labels = (
+        np.array([classes.index(p.parent.relative_to(path).as_posix()) for p in files])
+        if len(classes) > 1
+        else None
+    )
     return x, labels
 
 
@@ -126,7 +138,9 @@ def load_file(path_str: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Read user data from .npy, .npz, .safetensors or a folder of images."""
     path = Path(path_str).expanduser()
     if not path.exists():
-        raise UserError(f"data.path {path} does not exist; point --data.path at a .npy/.npz/.safetensors file or an image folder")
+        raise UserError(
+            f"data.path {path} does not exist; point --data.path at a .npy/.npz/.safetensors file or an image folder"
+        )
     labels = None
     try:
         if path.is_dir():
@@ -138,7 +152,9 @@ def load_file(path_str: str) -> tuple[np.ndarray, np.ndarray | None]:
                 arrays = {k: z[k] for k in z.files}
             x = _pick(arrays, _X_KEYS)
             if x is None:
-                raise UserError(f"{path}: no array named one of {_X_KEYS}; store the data under 'x' (labels under 'labels')")
+                raise UserError(
+                    f"{path}: no array named one of {_X_KEYS}; store the data under 'x' (labels under 'labels')"
+                )
             labels = _pick(arrays, _LABEL_KEYS)
         elif path.suffix == ".safetensors":
             from safetensors.numpy import load_file as st_load
@@ -146,13 +162,19 @@ def load_file(path_str: str) -> tuple[np.ndarray, np.ndarray | None]:
             arrays = st_load(str(path))
             x = _pick(arrays, _X_KEYS)
             if x is None:
-                raise UserError(f"{path}: no tensor named one of {_X_KEYS}; store the data under 'x' (labels under 'labels')")
+                raise UserError(
+                    f"{path}: no tensor named one of {_X_KEYS}; store the data under 'x' (labels under 'labels')"
+                )
             labels = _pick(arrays, _LABEL_KEYS)
         else:
-            raise UserError(f"{path}: unsupported file type '{path.suffix}'; use .npy, .npz, .safetensors or a folder of images")
+            raise UserError(
+                f"{path}: unsupported file type '{path.suffix}'; use .npy, .npz, .safetensors or a folder of images"
+            )
     except UserError:
         raise
     except Exception as e:  # numpy/safetensors raise many types for truncated or foreign files
-        raise UserError(f"{path}: cannot read the array ({type(e).__name__}: {e}); check that the file is complete") from None
+        raise UserError(
+            f"{path}: cannot read the array ({type(e).__name__}: {e}); check that the file is complete"
+        ) from None
     x = _to_training_layout(np.asarray(x), path)
     return x, _check_labels(labels, len(x), path)
