@@ -19,6 +19,8 @@ COMMANDS = {
     "eval": "evaluate a trained run (W2, MMD, NPE, straightness, classifier FD) and write RUN/eval/",
     "bench": "benchmarks: `sdfm bench sinkhorn` (speed beside POT, GeomLoss), `sdfm bench quality` (W2/NPE per coupling)",
     "train-classifier": "train and cache the feature classifier used for Fréchet distances (digits, fashion-mnist)",
+    "fit-potential": "fit the semidiscrete dual potential g of a dataset and save it (sdfm fit-potential --config FILE --out FILE)",
+    "worker": "run the dual-potential worker of a run: keeps refitting g and publishes snapshots (sdfm worker --run-dir DIR)",
 }
 
 TRAIN_HELP = """\
@@ -51,6 +53,15 @@ def _tyro_cli(cls, default, args: list[str], prog: str, description: str):
     )
 
 
+def _config_from(config_path: Path | None, overrides: list[str], prog: str):
+    """Defaults, then the TOML preset, then --section.field overrides; validated."""
+    from sdfm import config as config_mod
+
+    cfg = config_mod.load_config(config_path) if config_path else config_mod.Config()
+    cfg = _tyro_cli(config_mod.Config, cfg, overrides, prog, "config overrides")
+    return config_mod.validate(cfg)
+
+
 def cmd_train(argv: list[str]) -> None:
     from sdfm import config as config_mod
     from sdfm.train import run_training
@@ -71,10 +82,90 @@ def cmd_train(argv: list[str]) -> None:
     config_path = opts.config
     if config_path is None and opts.resume and (run_dir / "config.toml").is_file():
         config_path = run_dir / "config.toml"
-    cfg = config_mod.load_config(config_path) if config_path else config_mod.Config()
-    cfg = _tyro_cli(config_mod.Config, cfg, rest, "sdfm train", "config overrides")
-    config_mod.validate(cfg)
+    cfg = _config_from(config_path, rest, "sdfm train")
     run_training(cfg, run_dir, resume=opts.resume, overwrite=opts.overwrite)
+
+
+FIT_HELP = """\
+usage: sdfm fit-potential [--config FILE] [--data NAME] --out FILE [--section.field VALUE ...]
+
+Fit the dual potential g of semidiscrete OT between the source and the dataset of a config (its
+[data] and [potential] sections; `--data NAME` is short for --data.name NAME) until
+potential.target_chi2, potential.max_steps or potential.max_seconds, and save it as safetensors with
+its chi^2, epsilon and the dataset fingerprint. Train with it: --coupling.kind semidiscrete
+--potential.source file --potential.path FILE.
+"""
+
+
+def cmd_fit_potential(argv: list[str]) -> None:
+    from sdfm import config as config_mod
+    from sdfm.data import load_dataset
+    from sdfm.monitor import info
+    from sdfm.semidiscrete import fit_potential, save_potential
+    from sdfm.semidiscrete.worker import fitter_kwargs
+
+    parser = argparse.ArgumentParser(prog="sdfm fit-potential", add_help=False)
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--data")
+    parser.add_argument("--out", type=Path)
+    opts, rest = parser.parse_known_args(argv)
+    if any(a in ("-h", "--help") for a in rest):
+        print(FIT_HELP)
+        _tyro_cli(
+            config_mod.Config, config_mod.Config(), ["--help"], "sdfm fit-potential", "config overrides"
+        )
+        return
+    if opts.out is None or opts.out.suffix != ".safetensors":
+        raise UserError("--out FILE.safetensors is required: where to save the potential")
+    cfg = _config_from(
+        opts.config, (["--data.name", opts.data] if opts.data else []) + rest, "sdfm fit-potential"
+    )
+    data = load_dataset(cfg.data)
+    p = cfg.potential
+    info(
+        f"fitting the potential of {data.name}: N={len(data)}, d={data.x[0].numel()}, eps={p.epsilon}, {p.method}"
+    )
+    res = fit_potential(
+        data.x.flatten(1),
+        **fitter_kwargs(cfg, data),
+        max_steps=p.max_steps,
+        target_chi2=p.target_chi2,
+        max_seconds=p.max_seconds or None,
+        log=info,
+    )
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    save_potential(
+        opts.out,
+        res.g,
+        version=1,
+        step=res.steps,
+        epsilon=p.epsilon,
+        chi2=res.chi2,
+        fingerprint=data.fingerprint,
+        pca_dim=p.pca_dim,
+    )
+    info(
+        f"saved {opts.out}: {res.steps} steps, {res.seconds:.1f} s, chi2 {res.chi2:.4g} ({'converged' if res.converged else 'budget reached'})"
+    )
+
+
+@dataclass(kw_only=True)
+class WorkerArgs:
+    """Run the dual-potential worker of a run folder."""
+
+    run_dir: Path
+    """Run folder (its config.toml gives the data and the [potential] settings)."""
+    config: Path | None = None
+    """Use this config instead of RUN/config.toml (its data must match the run's)."""
+    max_steps: int = 0
+    """Stop after this many SGD steps in this process (0: run until SIGTERM/SIGINT)."""
+
+
+def cmd_worker(argv: list[str]) -> None:
+    from sdfm.semidiscrete.worker import run_worker
+
+    args = _tyro_cli(WorkerArgs, None, argv, "sdfm worker", "Run the dual-potential worker of a run.")
+    run_worker(args.run_dir, config_path=args.config, max_steps=args.max_steps)
 
 
 @dataclass(kw_only=True)
@@ -97,6 +188,8 @@ class SampleArgs:
     """Class to generate for a conditional model (-1: classes drawn uniformly)."""
     ema: bool = True
     """Use the EMA weights."""
+    exact: bool = False
+    """Sample the exact flow of a semidiscrete run's coupling (its potential) instead of the model."""
 
 
 def cmd_sample(argv: list[str]) -> None:
@@ -128,7 +221,12 @@ def cmd_eval(argv: list[str]) -> None:
 
 
 def cmd_bench(argv: list[str]) -> None:
-    workloads = {"sinkhorn": "sdfm.bench.sinkhorn", "quality": "sdfm.bench.quality"}
+    workloads = {
+        "sinkhorn": "sdfm.bench.sinkhorn",
+        "quality": "sdfm.bench.quality",
+        "potential": "sdfm.bench.potential",
+        "match": "sdfm.bench.match",
+    }
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: sdfm bench WORKLOAD [options]\n\nworkloads:\n" + "\n".join(f"  {k}" for k in workloads))
         return
@@ -152,7 +250,9 @@ class ClassifierArgs:
 def cmd_train_classifier(argv: list[str]) -> None:
     from sdfm.evaluate import ensure_classifier
 
-    args = _tyro_cli(ClassifierArgs, None, argv, "sdfm train-classifier", "Train the feature classifier for FD.")
+    args = _tyro_cli(
+        ClassifierArgs, None, argv, "sdfm train-classifier", "Train the feature classifier for FD."
+    )
     ensure_classifier(args.data, force=args.force)
 
 
@@ -162,6 +262,8 @@ HANDLERS = {
     "eval": cmd_eval,
     "bench": cmd_bench,
     "train-classifier": cmd_train_classifier,
+    "fit-potential": cmd_fit_potential,
+    "worker": cmd_worker,
 }
 
 

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
+
 from sdfm.errors import UserError
 
 DataName = Literal["8gaussians", "moons", "checkerboard", "circles", "digits", "fashion-mnist", "file"]
 SourceName = Literal["normal", "moons", "8gaussians"]
-CouplingKind = Literal["independent", "exact", "sinkhorn"]
+CouplingKind = Literal["independent", "exact", "sinkhorn", "semidiscrete"]
 SolverName = Literal["euler", "midpoint", "heun", "rk4", "dopri5"]
 
 
@@ -53,7 +54,7 @@ class ModelConfig:
 
     kind: Literal["auto", "mlp", "unet"] = "auto"
     """Network: 'auto' picks an MLP for vectors and a U-Net for images."""
-    hidden: int = 256
+    hidden: int = 128
     """MLP width."""
     depth: int = 3
     """MLP hidden layers."""
@@ -68,7 +69,8 @@ class CouplingConfig:
     """How each noise sample is paired with a data point."""
 
     kind: CouplingKind = "exact"
-    """independent (I-CFM), exact minibatch OT (OT-CFM) or entropic Sinkhorn on the batch."""
+    """independent (I-CFM), exact minibatch OT (OT-CFM), entropic Sinkhorn on the batch, or
+    semidiscrete OT against the whole dataset (SD-FM; see the [potential] section)."""
     epsilon: float = 0.05
     """Entropic regularization relative to the spread of the cost: the solver uses epsilon * std(C)."""
     cost: Literal["sqeuclidean", "dot"] = "sqeuclidean"
@@ -87,6 +89,46 @@ class CouplingConfig:
     """If > epsilon, anneal the relative epsilon geometrically from this value down to epsilon."""
     block_size: int = 4096
     """Rows/columns per block in the blocked torch backend (bounds memory to block_size^2 floats)."""
+
+
+@dataclass(kw_only=True)
+class PotentialConfig:
+    """The dual potential g in R^N of the semidiscrete coupling and its matching index."""
+
+    source: Literal["fit", "file", "worker"] = "fit"
+    """Where g comes from: fitted before training, loaded from potential.path, or kept fresh by the
+    dual-potential worker process (sdfm worker) while training runs."""
+    path: str = ""
+    """For source='file': a potential .safetensors written by sdfm fit-potential or a worker."""
+    epsilon: float = 0.0
+    """Entropic regularization of the semidiscrete problem (0: hard Laguerre cells, argmax matching;
+    > 0: matches are sampled from the softmax over the top-k candidates)."""
+    method: Literal["sgd_ema", "averaged_sgd"] = "sgd_ema"
+    """Fitting method: SGD with an EMA of g (OTT-JAX style) or averaged SGD with a decreasing epsilon
+    (POT ot.semidiscrete style)."""
+    batch_size: int = 1024
+    """Fresh noise samples per fitting step."""
+    lr: float = 0.0
+    """Fitting learning rate (0: the method's default)."""
+    target_chi2: float = 0.05
+    """Stop fitting (source='fit') once the smoothed chi^2 marginal error is below this."""
+    max_steps: int = 5000
+    """Fitting step budget (source='fit')."""
+    max_seconds: float = 0.0
+    """Fitting time budget in seconds (0: none)."""
+    pca_dim: int = 0
+    """Fit and match in the top-p principal components of the data (0: full dimension)."""
+    index: Literal["torch", "faiss"] = "torch"
+    """Matching index backend: brute-force torch (chunked matmul + bias + argmax) or FAISS flat IP."""
+    topk: int = 64
+    """Candidates for softmax sampling when epsilon > 0."""
+    publish_every: int = 50
+    """Worker: publish a new snapshot of g every this many SGD steps."""
+    spawn_worker: bool = True
+    """source='worker': the trainer starts the worker itself as a subprocess (False: start it by hand
+    with sdfm worker --run-dir RUN)."""
+    stale_warning_s: float = 300.0
+    """Warn when no new potential version has arrived for this many seconds (source='worker')."""
 
 
 @dataclass(kw_only=True)
@@ -155,6 +197,8 @@ class Config:
     """Model."""
     coupling: CouplingConfig = field(default_factory=CouplingConfig)
     """Coupling."""
+    potential: PotentialConfig = field(default_factory=PotentialConfig)
+    """Semidiscrete potential (used when coupling.kind = 'semidiscrete')."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -168,15 +212,33 @@ def validate(cfg: Config) -> Config:
 
     def need(ok: bool, key: str, value: Any, rule: str) -> None:
         if not ok:
-            raise UserError(f"{key} = {value!r} is invalid: it must be {rule}; set it with --{key} or in the config file")
+            raise UserError(
+                f"{key} = {value!r} is invalid: it must be {rule}; set it with --{key} or in the config file"
+            )
 
     c = cfg
-    need(c.coupling.epsilon > 0 and math.isfinite(c.coupling.epsilon), "coupling.epsilon", c.coupling.epsilon, "> 0")
+    need(
+        c.coupling.epsilon > 0 and math.isfinite(c.coupling.epsilon),
+        "coupling.epsilon",
+        c.coupling.epsilon,
+        "> 0",
+    )
     need(c.coupling.anneal_from >= 0, "coupling.anneal_from", c.coupling.anneal_from, ">= 0")
     need(c.coupling.max_iter >= 1, "coupling.max_iter", c.coupling.max_iter, ">= 1")
     need(c.coupling.tol > 0, "coupling.tol", c.coupling.tol, "> 0")
     need(c.coupling.check_every >= 1, "coupling.check_every", c.coupling.check_every, ">= 1")
     need(c.coupling.block_size >= 1, "coupling.block_size", c.coupling.block_size, ">= 1")
+    p = c.potential
+    need(p.epsilon >= 0 and math.isfinite(p.epsilon), "potential.epsilon", p.epsilon, ">= 0")
+    need(p.batch_size >= 2, "potential.batch_size", p.batch_size, ">= 2")
+    need(p.lr >= 0, "potential.lr", p.lr, ">= 0 (0 = the method's default)")
+    need(p.target_chi2 > 0, "potential.target_chi2", p.target_chi2, "> 0")
+    need(p.max_steps >= 1, "potential.max_steps", p.max_steps, ">= 1")
+    need(p.max_seconds >= 0, "potential.max_seconds", p.max_seconds, ">= 0")
+    need(p.pca_dim >= 0, "potential.pca_dim", p.pca_dim, ">= 0")
+    need(p.topk >= 1, "potential.topk", p.topk, ">= 1")
+    need(p.publish_every >= 1, "potential.publish_every", p.publish_every, ">= 1")
+    need(p.source != "file" or bool(p.path), "potential.path", p.path, "set when potential.source = 'file'")
     need(c.train.steps >= 1, "train.steps", c.train.steps, ">= 1")
     need(c.train.batch_size >= 2, "train.batch_size", c.train.batch_size, ">= 2")
     need(c.train.log_every >= 1, "train.log_every", c.train.log_every, ">= 1")
@@ -186,8 +248,18 @@ def validate(cfg: Config) -> Config:
     need(c.optim.warmup_steps >= 0, "optim.warmup_steps", c.optim.warmup_steps, ">= 0")
     need(c.optim.grad_clip >= 0, "optim.grad_clip", c.optim.grad_clip, ">= 0")
     need(0 <= c.model.ema_decay < 1, "model.ema_decay", c.model.ema_decay, "in [0, 1)")
-    need(c.model.hidden >= 1 and c.model.depth >= 1, "model.hidden", c.model.hidden, ">= 1 (and model.depth >= 1)")
-    need(c.model.channels >= 8 and c.model.channels % 8 == 0, "model.channels", c.model.channels, "a multiple of 8")
+    need(
+        c.model.hidden >= 1 and c.model.depth >= 1,
+        "model.hidden",
+        c.model.hidden,
+        ">= 1 (and model.depth >= 1)",
+    )
+    need(
+        c.model.channels >= 8 and c.model.channels % 8 == 0,
+        "model.channels",
+        c.model.channels,
+        "a multiple of 8",
+    )
     need(c.data.num_points >= 2, "data.num_points", c.data.num_points, ">= 2")
     need(c.data.num_eval >= 2, "data.num_eval", c.data.num_eval, ">= 2")
     need(c.data.max_points >= 0, "data.max_points", c.data.max_points, ">= 0")
@@ -252,7 +324,9 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         full = f"{prefix}{key}"
         if key not in fields:
             known = ", ".join(sorted(fields))
-            raise UserError(f"unknown config key '{full}'; known keys{' in [' + prefix[:-1] + ']' if prefix else ''}: {known}")
+            raise UserError(
+                f"unknown config key '{full}'; known keys{' in [' + prefix[:-1] + ']' if prefix else ''}: {known}"
+            )
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
@@ -267,7 +341,9 @@ def load_config(path: str | Path) -> Config:
     """Read a TOML preset into a validated Config."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist; pass an existing TOML file to --config (see launch/configs/)")
+        raise UserError(
+            f"config file {path} does not exist; pass an existing TOML file to --config (see launch/configs/)"
+        )
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

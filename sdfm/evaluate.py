@@ -39,24 +39,46 @@ class LoadedRun:
     model: nn.Module
     step: int
     run_dir: Path
+    potential: Tensor | None = None
+    """(N,) dual potential of a semidiscrete run (for its exact velocity), else None."""
 
 
 def load_run(run_dir: Path, ema: bool = True) -> LoadedRun:
     """Load the config, data and newest complete checkpoint of a run folder."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
-        raise UserError(f"--run-dir {run_dir} holds no sdfm run (no config.toml); point it at a folder made by `sdfm train`")
+        raise UserError(
+            f"--run-dir {run_dir} holds no sdfm run (no config.toml); point it at a folder made by `sdfm train`"
+        )
     cfg = config_mod.load_config(run_dir / "config.toml")
     ckpt = CheckpointManager(run_dir, cfg.train.keep_last, warn=info).load_latest()
     if ckpt is None:
-        raise UserError(f"run {run_dir} has no checkpoint yet; train it first (sdfm train --run-dir {run_dir} --resume)")
+        raise UserError(
+            f"run {run_dir} has no checkpoint yet; train it first (sdfm train --run-dir {run_dir} --resume)"
+        )
     data = load_dataset(cfg.data)
     model = build_model(
-        cfg.model.kind, data.shape, data.num_classes if cfg.data.conditional else 0, cfg.model.hidden, cfg.model.depth, cfg.model.channels
+        cfg.model.kind,
+        data.shape,
+        data.num_classes if cfg.data.conditional else 0,
+        cfg.model.hidden,
+        cfg.model.depth,
+        cfg.model.channels,
     )
     model.load_state_dict(ckpt.tensors("ema" if ema else "model"))
     model.eval()
-    return LoadedRun(cfg=cfg, data=data, model=model, step=ckpt.step, run_dir=run_dir)
+    potential = ckpt.tensors("coupling").get("g") if cfg.coupling.kind == "semidiscrete" else None
+    return LoadedRun(cfg=cfg, data=data, model=model, step=ckpt.step, run_dir=run_dir, potential=potential)
+
+
+def exact_velocity_of(run: LoadedRun):
+    """The exact SD-OT velocity of a semidiscrete run (epsilon = 0, no PCA), else None."""
+    cfg = run.cfg
+    if run.potential is None or cfg.potential.epsilon != 0 or cfg.potential.pca_dim:
+        return None
+    from sdfm.semidiscrete.velocity import ExactVelocity
+
+    return ExactVelocity(run.data.x, run.potential, run.data.labels if cfg.data.conditional else None)
 
 
 def velocity_of(model: nn.Module, labels: Tensor | None) -> Velocity:
@@ -70,10 +92,26 @@ def velocity_of(model: nn.Module, labels: Tensor | None) -> Velocity:
 
 @torch.no_grad()
 def generate(
-    model: nn.Module, x0: Tensor, labels: Tensor | None, method: str, nfe: int, *, rtol=1e-4, atol=1e-4, trajectory=False
+    model: nn.Module,
+    x0: Tensor,
+    labels: Tensor | None,
+    method: str,
+    nfe: int,
+    *,
+    rtol=1e-4,
+    atol=1e-4,
+    trajectory=False,
 ) -> SampleResult:
     """Integrate the model from noise x0 (B, *shape) to t = 1."""
-    return sample(velocity_of(model, labels), x0, method=method, nfe=nfe, rtol=rtol, atol=atol, return_trajectory=trajectory)
+    return sample(
+        velocity_of(model, labels),
+        x0,
+        method=method,
+        nfe=nfe,
+        rtol=rtol,
+        atol=atol,
+        return_trajectory=trajectory,
+    )
 
 
 def eval_noise(cfg: Config, data: Dataset, n: int) -> tuple[Tensor, Tensor | None]:
@@ -93,12 +131,16 @@ def ensure_classifier(name: str, force: bool = False):
     from sdfm.metrics.classifier import classifier_path, get_classifier
 
     if name not in CLASSIFIER_DATASETS:
-        raise UserError(f"no feature classifier for data '{name}'; choose one of {', '.join(CLASSIFIER_DATASETS)}")
+        raise UserError(
+            f"no feature classifier for data '{name}'; choose one of {', '.join(CLASSIFIER_DATASETS)}"
+        )
     data = load_dataset(config_mod.DataConfig(name=name))  # the full dataset, whatever a run's subset
     path = classifier_path(name, data.fingerprint)
     if force and path.exists():
         path.unlink()
-    model = get_classifier(name, data.fingerprint, data.x, data.labels, data.x_eval, data.labels_eval, log=info)
+    model = get_classifier(
+        name, data.fingerprint, data.x, data.labels, data.x_eval, data.labels_eval, log=info
+    )
     info(f"feature classifier for {name}: {path}")
     return model
 
@@ -119,9 +161,12 @@ def evaluate(run: LoadedRun, *, num_samples: int, nfe: list[int], dopri5: bool, 
         {"step", "num_samples", "rows": [{"solver", "nfe", metric...}], "flow": {...}, "picture": ...}
     """
     from sdfm.metrics import flow_stats, normalized_path_energy, wasserstein2
+    from sdfm.semidiscrete.velocity import velocity_gap
 
     cfg, data = run.cfg, run.data
-    classifier = ensure_classifier(cfg.data.name) if data.is_image and cfg.data.name in CLASSIFIER_DATASETS else None
+    classifier = (
+        ensure_classifier(cfg.data.name) if data.is_image and cfg.data.name in CLASSIFIER_DATASETS else None
+    )
     x0, labels = eval_noise(cfg, data, num_samples)
     rows = []
     settings = [("euler", k) for k in nfe] + ([("dopri5", 0)] if dopri5 else [])
@@ -129,14 +174,44 @@ def evaluate(run: LoadedRun, *, num_samples: int, nfe: list[int], dopri5: bool, 
     for method, k in settings:
         t0 = time.perf_counter()
         res = generate(run.model, x0, labels, method, k, rtol=cfg.eval.rtol, atol=cfg.eval.atol)
-        row = {"solver": method, "nfe": res.nfe, **_quality(res.x, run, classifier), "seconds": round(time.perf_counter() - t0, 2)}
+        row = {
+            "solver": method,
+            "nfe": res.nfe,
+            **_quality(res.x, run, classifier),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
         rows.append(row)
-        log("eval  " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        log(
+            "eval  "
+            + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+        )
         final = res.x
+    exact = exact_velocity_of(run)
+    gap = None
+    if exact is not None:
+        # The coupling's own flow (one Euler step lands exactly on the matched data points) and the
+        # gap between the model and that teacher field along its straight paths.
+        xe = exact.y[exact.target(0.0, x0, labels)].view(x0.shape)
+        rows.append({"solver": "exact-sd-flow", "nfe": 1, **_quality(xe, run, classifier), "seconds": 0.0})
+        n_gap = min(num_samples, 500)
+        gap = velocity_gap(
+            velocity_of(run.model, None if labels is None else labels[:n_gap]),
+            exact,
+            x0[:n_gap],
+            None if labels is None else labels[:n_gap],
+            times=[0.0, 0.25, 0.5, 0.75, 0.9],
+        )
+        log(
+            f"eval  exact-velocity gap {gap['mean']:.4g} (per t: "
+            + ", ".join(f"{k}: {v:.3g}" for k, v in gap.items() if k != "mean")
+            + ")"
+        )
     # Path energy over a fine Euler grid; NPE compares it with W2^2(source, data) of the same samples.
     n_flow = min(num_samples, 500 if data.is_image else num_samples)
     steps = 20 if data.is_image else 100
-    stats = flow_stats(velocity_of(run.model, None if labels is None else labels[:n_flow]), x0[:n_flow], nfe=steps)
+    stats = flow_stats(
+        velocity_of(run.model, None if labels is None else labels[:n_flow]), x0[:n_flow], nfe=steps
+    )
     w2_sq = wasserstein2(x0[:n_flow], data.x_eval[: max(n_flow, 2)]) ** 2
     flow = {
         "path_energy": stats.path_energy,
@@ -147,7 +222,16 @@ def evaluate(run: LoadedRun, *, num_samples: int, nfe: list[int], dopri5: bool, 
         "num_samples": n_flow,
     }
     log("eval  " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in flow.items()))
-    return {"step": run.step, "num_samples": num_samples, "rows": rows, "flow": flow, "samples": final}
+    if gap is not None:
+        flow["exact_velocity_gap"] = gap["mean"]
+    return {
+        "step": run.step,
+        "num_samples": num_samples,
+        "rows": rows,
+        "flow": flow,
+        "samples": final,
+        "velocity_gap": gap,
+    }
 
 
 def _picture(run: LoadedRun, samples: Tensor, x0: Tensor, labels: Tensor | None) -> np.ndarray:
@@ -156,15 +240,24 @@ def _picture(run: LoadedRun, samples: Tensor, x0: Tensor, labels: Tensor | None)
     if run.data.is_image:
         return image_grid(samples[:64])
     if run.data.shape == (2,):
-        traj = generate(run.model, x0[:300], None if labels is None else labels[:300], "euler", 32, trajectory=True)
-        return scatter_2d(samples, run.data.x_eval, traj.trajectory, title=f"{run.cfg.data.name}, step {run.step}")
+        traj = generate(
+            run.model, x0[:300], None if labels is None else labels[:300], "euler", 32, trajectory=True
+        )
+        return scatter_2d(
+            samples, run.data.x_eval, traj.trajectory, title=f"{run.cfg.data.name}, step {run.step}"
+        )
     return scatter_2d(samples[:, :2], run.data.x_eval[:, :2], title="first two coordinates")
 
 
 def write_summary(result: dict[str, Any], path: Path, title: str) -> None:
     rows = result["rows"]
     keys = [k for k in rows[0] if k not in ("solver", "nfe", "seconds")] if rows else []
-    lines = [f"# {title}", "", "| solver | NFE | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    lines = [
+        f"# {title}",
+        "",
+        "| solver | NFE | " + " | ".join(keys) + " |",
+        "|---|---|" + "---|" * len(keys),
+    ]
     for r in rows:
         lines.append(f"| {r['solver']} | {r['nfe']} | " + " | ".join(f"{r[k]:.4g}" for k in keys) + " |")
     f = result["flow"]
@@ -174,16 +267,31 @@ def write_summary(result: dict[str, Any], path: Path, title: str) -> None:
         f"W2^2(source, data) {f['w2_source_data_sq']:.4g}, NPE {f['npe']:.4g}, straightness {f['straightness']:.4g}",
         "",
     ]
+    if "exact_velocity_gap" in f:
+        lines += [f"Mean squared gap to the exact semidiscrete velocity: {f['exact_velocity_gap']:.4g}", ""]
     write_atomic(path, "\n".join(lines).encode())
 
 
 def evaluate_run(
-    run_dir: Path, *, num_samples: int = 0, nfe: list[int] | None = None, dopri5: bool | None = None, monitor=None, trainer=None
+    run_dir: Path,
+    *,
+    num_samples: int = 0,
+    nfe: list[int] | None = None,
+    dopri5: bool | None = None,
+    monitor=None,
+    trainer=None,
 ) -> dict[str, Any]:
     """Evaluate the newest checkpoint of a run; write RUN/eval/{eval.json, summary.md, samples.png}."""
     run_dir = Path(run_dir)
     if trainer is not None:
-        run = LoadedRun(cfg=trainer.cfg, data=trainer.data, model=trainer.ema.module.cpu().eval(), step=trainer.step, run_dir=run_dir)
+        run = LoadedRun(
+            cfg=trainer.cfg,
+            data=trainer.data,
+            model=trainer.ema.module.cpu().eval(),
+            step=trainer.step,
+            run_dir=run_dir,
+            potential=getattr(trainer.coupling, "g", None),
+        )
     else:
         run = load_run(run_dir)
     cfg = run.cfg
@@ -204,11 +312,16 @@ def evaluate_run(
 
     save_png(picture, out / "samples.png")
     write_atomic(out / "eval.json", json.dumps(result, indent=1).encode())
-    write_summary(result, out / "summary.md", f"{cfg.data.name}, {cfg.coupling.kind} coupling, step {run.step}")
+    write_summary(
+        result, out / "summary.md", f"{cfg.data.name}, {cfg.coupling.kind} coupling, step {run.step}"
+    )
     if monitor is not None:
         monitor.image("samples", picture, run.step)
         for r in result["rows"]:
-            monitor.log(run.step, {f"eval/{r['solver']}_nfe{r['nfe']}/{k}": v for k, v in r.items() if isinstance(v, float)})
+            monitor.log(
+                run.step,
+                {f"eval/{r['solver']}_nfe{r['nfe']}/{k}": v for k, v in r.items() if isinstance(v, float)},
+            )
         monitor.log(run.step, {f"eval/flow/{k}": v for k, v in result["flow"].items()})
     say = monitor.print if monitor is not None else info
     say(
@@ -240,14 +353,22 @@ def sample_to_file(args) -> Path:
     labels = None
     if run.cfg.data.conditional:
         if args.label >= run.data.num_classes:
-            raise UserError(f"--label {args.label} is out of range; the model has classes 0..{run.data.num_classes - 1}")
+            raise UserError(
+                f"--label {args.label} is out of range; the model has classes 0..{run.data.num_classes - 1}"
+            )
         labels = (
             torch.full((args.num,), args.label, dtype=torch.long)
             if args.label >= 0
             else torch.randint(0, run.data.num_classes, (args.num,), generator=gen)
         )
+    field = run.model
+    if args.exact:
+        exact = exact_velocity_of(run)
+        if exact is None:
+            raise UserError("--exact needs a semidiscrete run with potential.epsilon = 0 and no PCA")
+        field = lambda t, x, lab: exact(t, x, lab)  # noqa: E731  (the model's call signature)
     try:
-        res = generate(run.model, x0, labels, args.solver, args.nfe)
+        res = generate(field, x0, labels, args.solver, args.nfe)
     except ValueError as e:
         raise UserError(f"--nfe {args.nfe} does not fit --solver {args.solver}: {e}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -258,7 +379,11 @@ def sample_to_file(args) -> Path:
     else:
         from sdfm.plots import image_grid, save_png, scatter_2d
 
-        pic = image_grid(res.x[:256], nrow=16) if run.data.is_image else scatter_2d(res.x[:, :2], run.data.x_eval[:, :2])
+        pic = (
+            image_grid(res.x[:256], nrow=16)
+            if run.data.is_image
+            else scatter_2d(res.x[:, :2], run.data.x_eval[:, :2])
+        )
         save_png(pic, out)
     info(f"wrote {args.num} samples ({args.solver}, {res.nfe} NFE, step {run.step}) to {out}")
     return out

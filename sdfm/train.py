@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from sdfm import config as config_mod
 from sdfm.checkpoint import CheckpointManager
@@ -27,7 +26,19 @@ from sdfm.errors import UserError
 from sdfm.models import EMA, build_model
 from sdfm.monitor import Monitor, info
 
-LOG_KEYS = ("loss", "grad_norm", "lr", "pairs_per_s", "coupling_ms", "sinkhorn_iters", "sinkhorn_err")
+LOG_KEYS = (
+    "loss",
+    "grad_norm",
+    "lr",
+    "pairs_per_s",
+    "coupling_ms",
+    "sinkhorn_iters",
+    "sinkhorn_err",
+    "potential_version",
+    "potential_age_steps",
+    "potential_age_s",
+    "potential_chi2",
+)
 CHECKPOINT_VERSION = 1
 
 
@@ -77,9 +88,24 @@ class Trainer:
             cfg.model.channels,
         ).to(self.device)
         self.ema = EMA(self.model, cfg.model.ema_decay)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.coupling = build_coupling(cfg.coupling, per_class=self.conditional)
+        if cfg.coupling.kind == "semidiscrete":
+            from sdfm.couplings.semidiscrete import SemidiscreteCoupling
+
+            self.coupling = SemidiscreteCoupling(
+                self.data.x,
+                self.data.labels,
+                cfg.potential,
+                self.data.fingerprint,
+                per_class=self.conditional,
+                warn=info,
+            )
+        else:
+            self.coupling = build_coupling(cfg.coupling, per_class=self.conditional)
+        self.worker = None  # the dual-potential worker subprocess, when the trainer started one
         self.stream = DataStream(len(self.data), cfg.train.batch_size, cfg.train.seed)
         self.gen = torch.Generator().manual_seed(cfg.train.seed)
         self.step = 0
@@ -90,6 +116,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step; returns its metrics."""
         cfg, dev = self.cfg, self.device
+        self.coupling.poll()  # a new dual potential from the worker is swapped in here, between steps
         idx = self.stream.next()
         x1 = self.data.x[idx]
         labels = self.data.labels[idx] if self.conditional else None
@@ -113,9 +140,15 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
-        self.ema.update(self.model)
         self.step += 1
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "coupling_ms": coupling_ms, **self.coupling.stats()}
+        self.ema.update(self.model, step=self.step)
+        return {
+            "loss": loss.item(),
+            "grad_norm": grad_norm.item(),
+            "lr": lr,
+            "coupling_ms": coupling_ms,
+            **self.coupling.stats(),
+        }
 
     def train(self, until: int | None = None) -> None:
         """Run from ``self.step`` to ``train.steps`` (or stop early after step ``until``, as a preempted
@@ -136,8 +169,12 @@ class Trainer:
             window_n += cfg.train.batch_size
             monitor.advance()
             if not math.isfinite(metrics["loss"]):
-                raise RuntimeError(f"loss is {metrics['loss']} at step {self.step}; lower optim.lr or check the data")
+                raise RuntimeError(
+                    f"loss is {metrics['loss']} at step {self.step}; lower optim.lr or check the data"
+                )
             if self.step % cfg.train.log_every == 0 or self.step == until:
+                if self.worker is not None and (warning := self.worker.check()):
+                    monitor.print(warning)
                 elapsed = time.perf_counter() - window_t
                 metrics["pairs_per_s"] = window_n / max(elapsed, 1e-9)
                 monitor.log(self.step, metrics, LOG_KEYS)
@@ -150,6 +187,58 @@ class Trainer:
 
             evaluate_run(self.run_dir, monitor=monitor, trainer=self)
         monitor.close()
+
+    def start_potential(self, resumed: bool) -> None:
+        """Give the semidiscrete coupling its potential: restored from the checkpoint (resumed), fitted
+        now, read from a file, or published by the worker (started here when configured so)."""
+        if self.cfg.coupling.kind != "semidiscrete":
+            return
+        from sdfm.couplings.semidiscrete import snapshot_path
+        from sdfm.semidiscrete import fit_potential, load_potential, save_potential
+        from sdfm.semidiscrete.worker import WorkerProcess, fitter_kwargs, wait_for_version
+
+        p, coupling = self.cfg.potential, self.coupling
+        if p.source == "file" and not resumed:
+            pot = load_potential(
+                p.path, expected_fingerprint=self.data.fingerprint, expected_n=len(self.data)
+            )
+            coupling.set_potential(pot.g, pot.version, pot.chi2, pot.created)
+            info(f"potential: loaded {p.path} (version {pot.version}, chi2 {pot.chi2:.4g})")
+        elif p.source == "fit" and not resumed:
+            info(
+                f"potential: fitting g over N={len(self.data)} points to chi2 <= {p.target_chi2} ({p.method})"
+            )
+            res = fit_potential(
+                self.data.x.flatten(1),
+                **fitter_kwargs(self.cfg, self.data),
+                max_steps=p.max_steps,
+                target_chi2=p.target_chi2,
+                max_seconds=p.max_seconds or None,
+                log=info,
+            )
+            save_potential(
+                self.run_dir / "potential" / "fitted.safetensors",
+                res.g,
+                version=1,
+                step=res.steps,
+                epsilon=p.epsilon,
+                chi2=res.chi2,
+                fingerprint=self.data.fingerprint,
+                pca_dim=p.pca_dim,
+            )
+            coupling.set_potential(res.g, 1, res.chi2)
+            info(f"potential: {res.steps} steps in {res.seconds:.1f} s, chi2 {res.chi2:.4g}")
+        elif p.source == "worker":
+            path = snapshot_path(self.run_dir)
+            coupling.watch(path)
+            if p.spawn_worker:
+                self.worker = WorkerProcess(self.run_dir)
+                info(f"potential: started worker pid {self.worker.proc.pid} (log {self.worker.log_path})")
+            if coupling.version == 0 and not wait_for_version(path, timeout=120):
+                info(
+                    "warning: no potential published yet; training starts with g = 0 and picks versions up as they come"
+                )
+            coupling.poll()
 
     # ---------------------------------------------------------------------------------- checkpoints
 
@@ -181,7 +270,9 @@ class Trainer:
             return False
         state = ckpt.state
         if state.get("version") != CHECKPOINT_VERSION:
-            raise UserError(f"checkpoint {ckpt.path} has layout version {state.get('version')}, this sdfm reads {CHECKPOINT_VERSION}")
+            raise UserError(
+                f"checkpoint {ckpt.path} has layout version {state.get('version')}, this sdfm reads {CHECKPOINT_VERSION}"
+            )
         if state["fingerprint"] != self.data.fingerprint:
             raise UserError(
                 f"checkpoint {ckpt.path} was trained on data with fingerprint {state['fingerprint']}, but the "
@@ -231,10 +322,19 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite:
     config_mod.validate(cfg)
     dataset = load_dataset(cfg.data)  # fail on bad data before touching the run folder
     prepare_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
+    from sdfm.semidiscrete.worker import record_dataset
+
+    record_dataset(run_dir, dataset)
     trainer = Trainer(cfg, run_dir, dataset=dataset)
-    if resume and not trainer.resume():
+    resumed = resume and trainer.resume()
+    if resume and not resumed:
         info(f"no checkpoint in {run_dir} yet; starting from step 0")
-    trainer.train()
+    try:
+        trainer.start_potential(resumed)
+        trainer.train()
+    finally:
+        if trainer.worker is not None:
+            trainer.worker.stop()
     return trainer
 
 

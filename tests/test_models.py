@@ -150,3 +150,9 @@ def test_ema_state_round_trip():
 def test_ema_rejects_bad_decay():
     with pytest.raises(ValueError, match="decay"):
         EMA(MLP(2, hidden=4, depth=1), decay=1.5)
+
+
+def test_ema_decay_warmup():
+    ema = EMA(nn.Linear(2, 2), decay=0.999)
+    assert ema.decay_at(None) == 0.999
+    assert ema.decay_at(1) == 2 / 11 and ema.decay_at(10**6) == 0.999

@@ -66,6 +66,11 @@ class Coupling(ABC):
                 start += count
         return Pairs(x0=x0, x1=x1[index], labels=None if labels is None else labels[index], index=index)
 
+    def poll(self) -> bool:
+        """Called at every step boundary: pick up state published from outside (a new dual potential
+        from the worker). True when something changed."""
+        return False
+
     def stats(self) -> dict[str, float]:
         """Diagnostics of the last call (for the log line and metrics.jsonl)."""
         return {}

@@ -26,16 +26,31 @@ class EMA:
         self.decay = decay
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def decay_at(self, step: int | None) -> float:
+        """Decay used at optimizer step ``step`` (1-based): min(decay, (1 + step) / (10 + step)).
+
+        The warm-up keeps the average from remembering the untrained initial weights: with a fixed
+        0.999 after a few thousand steps, e^-3 of the weight still sits on the first steps, which
+        visibly shrinks samples of short runs. ``step=None`` uses ``decay`` as is.
+        """
+        return self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Move the shadow weights towards ``model``'s and copy its buffers (e.g. norm statistics)."""
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        """Move the shadow weights towards ``model``'s and copy its buffers (e.g. norm statistics).
+
+        Args:
+            model: the trained model (unwrapped).
+            step: the optimizer step just taken, for the decay warm-up (``decay_at``).
+        """
+        decay = self.decay_at(step)
         shadow = list(self.module.parameters())
         current = list(model.parameters())
         if len(shadow) != len(current):
             raise ValueError(f"EMA tracks {len(shadow)} parameters but the model has {len(current)}")
         # lerp_(end, w) = self + w * (end - self); with w = 1 - decay this is the EMA step, and
         # w = 1 returns `end` exactly, so decay 0 copies the weights bit for bit.
-        torch._foreach_lerp_(shadow, [p.detach() for p in current], 1.0 - self.decay)
+        torch._foreach_lerp_(shadow, [p.detach() for p in current], 1.0 - decay)
         for shadow_buffer, buffer in zip(self.module.buffers(), model.buffers(), strict=True):
             shadow_buffer.copy_(buffer)
 

@@ -1,0 +1,168 @@
+"""The semidiscrete coupling (SD-FM): each noise sample is matched against the whole dataset through a
+dual potential g in R^N, k*(x0) = argmax_j <x0, y_j> + g_j (or a softmax sample when epsilon > 0).
+
+The potential comes from a fit before training, a file, or the dual-potential worker process, which
+publishes versioned snapshots that ``poll`` picks up at step boundaries and swaps into the matching
+index in place. The potential in use (and its version) is part of ``state_dict``, so it is in every
+training checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sdfm.config import PotentialConfig
+from sdfm.couplings.base import Coupling, Pairs
+from sdfm.errors import UserError
+from sdfm.semidiscrete import MatchIndex, Potential, load_potential
+
+
+def snapshot_path(run_dir: Path) -> Path:
+    """Where the worker publishes the newest potential of a run."""
+    return Path(run_dir) / "potential" / "latest.safetensors"
+
+
+class SnapshotWatcher:
+    """Notices new potential snapshots in a file without reading it on every step.
+
+    ``poll`` stats the file (cheap) and reads it only when its size, mtime or inode changed. A torn,
+    foreign (other dataset) or otherwise bad snapshot is ignored with a warning, once per file state.
+    """
+
+    def __init__(self, path: Path, fingerprint: str, n: int, warn: Callable[[str], None]):
+        self.path, self.fingerprint, self.n, self.warn = Path(path), fingerprint, n, warn
+        self._seen: tuple | None = None
+
+    def poll(self) -> Potential | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if key == self._seen:
+            return None
+        self._seen = key
+        try:
+            return load_potential(self.path, expected_fingerprint=self.fingerprint, expected_n=self.n)
+        except UserError as e:
+            self.warn(f"warning: ignoring potential snapshot: {e}")
+            return None
+
+
+class SemidiscreteCoupling(Coupling):
+    """Pairs noise with data points of the whole dataset by semidiscrete OT.
+
+    Args:
+        y: (N, *shape) the dataset's training points.
+        labels: (N,) classes; with ``per_class`` queries only match points of their own class.
+        cfg: the [potential] config (epsilon, index backend, pca_dim, topk).
+        fingerprint: dataset fingerprint every potential must carry.
+        per_class: class-conditional matching (pairs never cross classes).
+        warn: receives one-line warnings.
+    """
+
+    def __init__(
+        self,
+        y: Tensor,
+        labels: Tensor | None,
+        cfg: PotentialConfig,
+        fingerprint: str,
+        per_class: bool = False,
+        warn: Callable[[str], None] = print,
+    ):
+        self.y, self.cfg, self.fingerprint, self.per_class, self.warn = y, cfg, fingerprint, per_class, warn
+        self.labels = labels
+        self.index = MatchIndex(
+            y.flatten(1), backend=cfg.index, labels=labels if per_class else None, pca_dim=cfg.pca_dim
+        )
+        self.g = torch.zeros(len(y))
+        self.version = 0
+        self.chi2 = float("nan")
+        self.published_at = time.time()
+        self.pairs_since_update = 0
+        self.watcher: SnapshotWatcher | None = None
+        self._stale_warned = False
+
+    # ------------------------------------------------------------------------------- the potential
+
+    def set_potential(
+        self, g: Tensor, version: int, chi2: float = float("nan"), published_at: float | None = None
+    ) -> None:
+        """Use potential g (N,) from now on (swapped into the index in place)."""
+        self.index.set_potential(g)
+        self.g = g.detach().float().cpu().clone()
+        self.version, self.chi2 = int(version), float(chi2)
+        self.published_at = time.time() if published_at is None else published_at
+        self.pairs_since_update = 0
+        self._stale_warned = False
+
+    def watch(self, path: Path) -> None:
+        """Pick up snapshots published at ``path`` (by the worker) on every ``poll``."""
+        self.watcher = SnapshotWatcher(path, self.fingerprint, len(self.y), self.warn)
+
+    def poll(self) -> bool:
+        """Swap in a newer published potential if there is one; True when it did."""
+        if self.watcher is None:
+            return False
+        pot = self.watcher.poll()
+        if pot is not None and pot.version > self.version:
+            self.set_potential(pot.g, pot.version, pot.chi2, pot.created)
+            return True
+        age = time.time() - self.published_at
+        if self.version and age > self.cfg.stale_warning_s and not self._stale_warned:
+            self.warn(
+                f"warning: no new potential for {age:.0f} s (still version {self.version}); "
+                "is the worker running? training goes on with the last potential"
+            )
+            self._stale_warned = True
+        return False
+
+    # ------------------------------------------------------------------------------------ coupling
+
+    def match(self, x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
+        raise NotImplementedError("the semidiscrete coupling matches against the dataset: use pair()")
+
+    def pair(self, x0: Tensor, x1: Tensor, labels: Tensor | None, generator: torch.Generator) -> Pairs:
+        """Match each x0 (B, *shape) to a data point; the batch x1 is only used for its labels, which
+        set the class of each query in class-conditional matching."""
+        query_labels = labels if self.per_class else None
+        q = x0.flatten(1)
+        if self.cfg.epsilon == 0:
+            index = self.index.search(q, query_labels)
+        else:
+            index = self.index.sample(
+                q, self.cfg.epsilon, generator, k=self.cfg.topk, query_labels=query_labels
+            )
+        self.pairs_since_update += 1
+        out_labels = None if labels is None or self.labels is None else self.labels[index]
+        return Pairs(x0=x0, x1=self.y[index], labels=out_labels, index=index)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "potential_version": self.version,
+            "potential_age_steps": self.pairs_since_update,
+            "potential_age_s": round(time.time() - self.published_at, 1),
+            "potential_chi2": self.chi2,
+        }
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {
+            "g": self.g,
+            "version": torch.tensor(self.version),
+            "chi2": torch.tensor(self.chi2, dtype=torch.float64),
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if "g" not in state:
+            return
+        if state["g"].shape != (len(self.y),):
+            raise UserError(
+                f"checkpoint potential has {state['g'].shape[0]} entries but the dataset has {len(self.y)} points"
+            )
+        self.set_potential(state["g"], int(state["version"]), float(state["chi2"]))

@@ -1,0 +1,214 @@
+"""The dual-potential worker: a separate OS process that keeps improving g while training runs.
+
+``sdfm worker --run-dir RUN`` loads the run's dataset, runs SGD on g without end (fresh noise ->
+assignments against all N points -> one step), and every ``potential.publish_every`` steps publishes
+``RUN/potential/latest.safetensors`` (version, worker step, chi^2, epsilon, dataset fingerprint) and
+its own state ``RUN/potential/worker_state.pt``, both atomically. A restarted worker continues from
+that state, with the next version number. SIGTERM / SIGINT end it after the current step with a final
+publish. Trainers pick up new versions at step boundaries (``SemidiscreteCoupling.poll``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sdfm import config as config_mod
+from sdfm.checkpoint import write_atomic
+from sdfm.config import Config
+from sdfm.data import Dataset, load_dataset, sample_source
+from sdfm.errors import UserError
+from sdfm.monitor import info
+from sdfm.semidiscrete.potential import PotentialFitter, save_potential
+
+DATASET_FILE = "dataset.json"
+
+
+def potential_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "potential"
+
+
+def record_dataset(run_dir: Path, data: Dataset) -> None:
+    """Write RUN/dataset.json: the dataset a run belongs to (checked by workers and resumes)."""
+    info_ = {"name": data.name, "fingerprint": data.fingerprint, "n": len(data), "shape": list(data.shape)}
+    write_atomic(Path(run_dir) / DATASET_FILE, json.dumps(info_, indent=1).encode())
+
+
+def check_dataset(run_dir: Path, data: Dataset) -> None:
+    """Refuse to work for a run folder whose recorded dataset is not ``data``."""
+    path = Path(run_dir) / DATASET_FILE
+    if not path.is_file():
+        return
+    rec = json.loads(path.read_text())
+    if rec["fingerprint"] != data.fingerprint:
+        raise UserError(
+            f"run folder {run_dir} belongs to dataset {rec['name']} (fingerprint {rec['fingerprint']}), but this "
+            f"worker's data is {data.name} (fingerprint {data.fingerprint}); point the worker at the run's own folder/config"
+        )
+
+
+def fitter_kwargs(cfg: Config, data: Dataset) -> dict:
+    """Arguments of ``PotentialFitter`` / ``fit_potential`` that a run's config describes (shared by
+    the worker and the fit before training, so both solve the same problem)."""
+    p = cfg.potential
+    source = None
+    if cfg.data.source != "normal":
+
+        def source(n: int, gen: torch.Generator) -> torch.Tensor:
+            return sample_source(cfg.data.source, n, data.shape, gen).flatten(1)
+
+    return dict(
+        epsilon=p.epsilon,
+        method=p.method,
+        batch_size=p.batch_size,
+        lr=p.lr or None,
+        labels=data.labels if cfg.data.conditional else None,
+        pca_dim=p.pca_dim,
+        backend=p.index,
+        sample_source=source,
+        seed=cfg.train.seed + 1,
+    )
+
+
+class _Stop:
+    """Turns SIGTERM/SIGINT into a flag checked between steps."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+
+def run_worker(run_dir: Path, *, config_path: Path | None = None, max_steps: int = 0, log=info) -> int:
+    """Fit and publish until stopped (or ``max_steps`` steps in this process, for tests and batch
+    jobs). Returns the last published version."""
+    run_dir = Path(run_dir)
+    cfg_path = config_path or run_dir / "config.toml"
+    if not cfg_path.is_file():
+        raise UserError(
+            f"no config at {cfg_path}; point --run-dir at a run made by `sdfm train` (or pass --config)"
+        )
+    cfg = config_mod.load_config(cfg_path)
+    data = load_dataset(cfg.data)
+    check_dataset(run_dir, data)
+    out = potential_dir(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fitter = PotentialFitter(data.x.flatten(1), **fitter_kwargs(cfg, data))
+    state_path = out / "worker_state.pt"
+    version = 0
+    if state_path.is_file():
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            fitter.load_state_dict(state["fitter"])
+            version = int(state["version"])
+            log(f"worker: resumed from {state_path} at step {fitter.t}, version {version}")
+        except UserError:
+            raise
+        except Exception as e:  # a torn state file: say so and start over rather than crash forever
+            log(
+                f"warning: worker state {state_path} is unreadable ({type(e).__name__}); starting the fit from zero"
+            )
+    stop = _Stop()
+    p = cfg.potential
+    chi2_smooth = math.nan
+    log(
+        f"worker: fitting g for {data.name} (N={len(data)}, eps={p.epsilon}, {p.method}), publishing every {p.publish_every} steps"
+    )
+    steps_here = 0
+    while not stop.requested and not (max_steps and steps_here >= max_steps):
+        stats = fitter.step()
+        steps_here += 1
+        chi2_smooth = stats["chi2"] if math.isnan(chi2_smooth) else 0.9 * chi2_smooth + 0.1 * stats["chi2"]
+        if fitter.t % p.publish_every == 0:
+            version += 1
+            publish(out, fitter, version, chi2_smooth, data.fingerprint, p.pca_dim)
+            log(f"worker: step {fitter.t} published version {version} chi2 {chi2_smooth:.4g}")
+    if fitter.t % p.publish_every:  # final publish of the last steps
+        version += 1
+        publish(out, fitter, version, chi2_smooth, data.fingerprint, p.pca_dim)
+        log(f"worker: step {fitter.t} published version {version} chi2 {chi2_smooth:.4g}; stopping")
+    return version
+
+
+def publish(
+    out: Path, fitter: PotentialFitter, version: int, chi2: float, fingerprint: str, pca_dim: int
+) -> None:
+    """Save the worker's own state first, then the snapshot trainers read: a crash in between means a
+    restarted worker republishes that version, never that trainers see a version the state lacks."""
+    buf = io.BytesIO()
+    torch.save({"fitter": fitter.state_dict(), "version": version}, buf)
+    write_atomic(out / "worker_state.pt", buf.getvalue())
+    save_potential(
+        out / "latest.safetensors",
+        fitter.potential(),
+        version=version,
+        step=fitter.t,
+        epsilon=fitter.epsilon,
+        chi2=chi2,
+        fingerprint=fingerprint,
+        pca_dim=pca_dim,
+    )
+
+
+class WorkerProcess:
+    """A worker started by the trainer as a subprocess (``potential.spawn_worker``).
+
+    Its output goes to RUN/potential/worker.log. ``check`` reports (once) when it has exited, so the
+    trainer can warn and go on with the last potential.
+    """
+
+    def __init__(self, run_dir: Path):
+        out = potential_dir(run_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.log_path = out / "worker.log"
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sdfm", "worker", "--run-dir", str(run_dir)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        self._reported = False
+
+    def check(self) -> str | None:
+        """A one-line warning the first time the worker is found dead, else None."""
+        code = self.proc.poll()
+        if code is None or self._reported:
+            return None
+        self._reported = True
+        return (
+            f"warning: the potential worker exited with code {code} (see {self.log_path}); training goes on with "
+            "the last potential; restart it with `sdfm worker --run-dir RUN`"
+        )
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def wait_for_version(path: Path, timeout: float) -> bool:
+    """Wait until a snapshot exists at ``path`` (the first publish of a freshly started worker)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file():
+            return True
+        time.sleep(0.2)
+    return False

@@ -1,0 +1,256 @@
+"""Fitting the semidiscrete dual potential: the χ̂² estimator against a closed form, convergence of
+both methods (ε = 0 and ε > 0, labels, PCA), a problem whose answer is known, exact resume, and the
+potential file format with each of its errors."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sdfm.errors import UserError
+from sdfm.semidiscrete import (
+    Chi2Evaluator,
+    MatchIndex,
+    PotentialFitter,
+    fit_potential,
+    load_potential,
+    save_potential,
+)
+
+A = torch.tensor([1.5, 0.0])
+
+
+def _points(n: int = 200, d: int = 4, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(2.0, 0.3, d)
+    return torch.randn(n, d, generator=gen) * scale + 1.0
+
+
+def _two_point_marginal(delta: float, epsilon: float) -> float:
+    """Mass of +a for y = (+a, -a), g = (δ, -δ), x ~ N(0, I): the point +a wins when
+    2<x, a> + 2δ > 0, i.e. z > -δ/|a| with z ~ N(0, 1); with ε > 0 it gets sigmoid((2|a|z + 2δ)/ε)."""
+    r = float(A.norm())
+    if epsilon == 0:
+        return 0.5 * (1 + math.erf(delta / r / math.sqrt(2)))
+    z, w = np.polynomial.hermite_e.hermegauss(200)
+    s = 1 / (1 + np.exp(-(2 * r * z + 2 * delta) / epsilon))
+    return float((w * s).sum() / w.sum())
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.7])
+def test_chi2_estimator_matches_closed_form(epsilon):
+    y = torch.stack([A, -A])
+    evaluator = Chi2Evaluator(y, epsilon=epsilon, num_samples=200_000, batch_size=8192)
+    for delta in [0.0, 0.4, -1.0]:
+        m = _two_point_marginal(delta, epsilon)
+        exact = 2 * (m**2 + (1 - m) ** 2) - 1  # Σ_j m_j² / b_j - 1 with b = (1/2, 1/2)
+        assert evaluator(torch.tensor([delta, -delta])) == pytest.approx(exact, abs=0.01)
+
+
+@pytest.mark.parametrize("block", [1 << 24, 21_000, 3000])  # all rows; blocks of 70 rows; two passes over N
+def test_softmax_sums_are_exact_in_every_blocking(monkeypatch, block):
+    from sdfm.semidiscrete import potential
+
+    gen = torch.Generator().manual_seed(0)
+    q, keys, g = (
+        torch.randn(100, 5, generator=gen),
+        torch.randn(300, 5, generator=gen),
+        torch.randn(300, generator=gen),
+    )
+    monkeypatch.setattr(potential, "_SOFTMAX_BLOCK", block)
+    col_sum, col_sq = potential._softmax_sums(q, keys, g, 0.7)
+    s = torch.softmax((q.double() @ keys.double().T + g.double()) / 0.7, dim=1)
+    assert torch.allclose(col_sum.double(), s.sum(0), atol=1e-5)
+    assert torch.allclose(col_sq.double(), s.square().sum(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["sgd_ema", "averaged_sgd"])
+@pytest.mark.parametrize("epsilon", [0.0, 0.3])
+def test_fit_drives_chi2_down(method, epsilon):
+    y = _points()
+    fitter = PotentialFitter(y, epsilon=epsilon, method=method, batch_size=256, seed=1)
+    start = fitter.evaluate(4096, torch.Generator().manual_seed(2), torch.zeros(len(y)))
+    reports = [fitter.step() for _ in range(400)]
+    end = fitter.evaluate(4096, torch.Generator().manual_seed(2))
+    assert end < 0.1 and end < start / 20, (start, end)
+    assert reports[-1]["step"] == 400 and math.isfinite(reports[-1]["chi2"])
+    if method == "averaged_sgd":
+        assert reports[0]["epsilon"] >= reports[-1]["epsilon"] >= epsilon  # ε_t = max(ε, ε0 / sqrt(t))
+        assert epsilon > 0 or reports[0]["epsilon"] > reports[-1]["epsilon"]
+        assert reports[0]["lr"] > reports[-1]["lr"]
+    # The gradient sums to zero, so the mean of g stays at g0 = 0.
+    assert abs(float(fitter.potential().mean())) < 1e-3 * float(fitter.potential().abs().max())
+
+
+@pytest.mark.parametrize("method", ["sgd_ema", "averaged_sgd"])
+def test_fit_with_labels_stays_within_classes(method):
+    y = _points()
+    labels = torch.randint(0, 3, (len(y),), generator=torch.Generator().manual_seed(4))
+    fitter = PotentialFitter(y, method=method, batch_size=256, labels=labels)
+    start = fitter.evaluate(4096, torch.Generator().manual_seed(2), torch.zeros(len(y)))
+    for _ in range(400):
+        fitter.step()
+    end = fitter.evaluate(4096, torch.Generator().manual_seed(2))
+    assert end < 0.1 and end < start / 20, (start, end)
+    g = fitter.potential()
+    for c in range(3):  # one block per class, each with zero-sum gradients
+        assert abs(float(g[labels == c].sum())) < 1e-2 * float(g.abs().max()) * int((labels == c).sum())
+
+
+def test_fit_in_pca_space():
+    y = _points(d=8)
+    fitter = PotentialFitter(y, batch_size=256, pca_dim=3)
+    start = fitter.evaluate(4096, torch.Generator().manual_seed(2), torch.zeros(len(y)))
+    for _ in range(400):
+        fitter.step()
+    end = fitter.evaluate(4096, torch.Generator().manual_seed(2))
+    assert end < 0.1 and end < start / 20, (start, end)
+    assert fitter.index.match_dim == 3
+
+
+@pytest.mark.parametrize("method", ["sgd_ema", "averaged_sgd"])
+def test_symmetric_two_points_have_zero_potential(method):
+    # Cells of ±a under g = 0 are the half-spaces <x, a> > 0 and < 0, each of mass 1/2: g* = 0.
+    fitter = PotentialFitter(torch.stack([A, -A]), method=method, batch_size=256)
+    for _ in range(300):
+        fitter.step()
+    g = fitter.potential()
+    # |g1 - g2| = 2δ; δ = 0.05 |a| moves 2% of the mass, χ² ≈ 0.0016.
+    assert float((g[0] - g[1]).abs()) < 0.1 * float(A.norm())
+    assert fitter.evaluate(20_000, torch.Generator().manual_seed(0)) < 0.01
+
+
+def test_fit_potential_reaches_target_and_reports():
+    lines: list[str] = []
+    result = fit_potential(
+        _points(),
+        batch_size=256,
+        max_steps=3000,
+        target_chi2=0.05,
+        log_every=50,
+        progress=False,
+        log=lines.append,
+    )
+    assert result.converged and result.chi2 <= 0.05
+    assert 0 < result.steps < 3000 and result.seconds > 0
+    assert result.history and all(len(h) == 3 for h in result.history)
+    assert result.g.shape == (200,) and torch.isfinite(result.g).all()
+    assert any("chi2" in line for line in lines)
+    # The returned potential really has the reported quality on independent noise.
+    assert Chi2Evaluator(_points(), num_samples=8192)(result.g) < 0.1
+
+
+def test_fit_potential_respects_time_budget():
+    result = fit_potential(
+        _points(), batch_size=256, max_steps=10**6, max_seconds=0.5, eval_samples=0, log=None
+    )
+    assert not result.converged or result.chi2 <= 0.05
+    assert result.seconds < 5
+
+
+@pytest.mark.parametrize("method", ["sgd_ema", "averaged_sgd"])
+def test_state_dict_round_trip_continues_identically(method):
+    y = _points()
+    a = PotentialFitter(y, method=method, batch_size=128, seed=3)
+    for _ in range(5):
+        a.step()
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    b = PotentialFitter(y, method=method, batch_size=128, seed=99)
+    b.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    for _ in range(5):
+        ra, rb = a.step(), b.step()
+        assert ra == rb
+    assert torch.equal(a.g, b.g) and torch.equal(a.potential(), b.potential())
+    other = PotentialFitter(y[:100], method=method, batch_size=128)
+    with pytest.raises(UserError, match="n=200"):
+        other.load_state_dict(a.state_dict())
+
+
+def test_fitter_rejects_bad_arguments():
+    y = _points()
+    with pytest.raises(UserError, match="method"):
+        PotentialFitter(y, method="adam")
+    with pytest.raises(UserError, match="epsilon"):
+        PotentialFitter(y, epsilon=-1.0)
+    with pytest.raises(UserError, match="batch_size"):
+        PotentialFitter(y, batch_size=3, labels=torch.arange(200) % 3)
+    with pytest.raises(UserError, match="pca_dim"):
+        PotentialFitter(y, pca_dim=5)
+    with pytest.raises(UserError, match="sample_source"):
+        PotentialFitter(y, sample_source=lambda n, gen: torch.randn(n, 3, generator=gen)).step()
+
+
+def test_custom_source_is_used():
+    y = _points(d=2)
+    calls = []
+
+    def source(n: int, generator: torch.Generator) -> torch.Tensor:
+        calls.append(n)
+        return 2.0 * torch.rand(n, 2, generator=generator) - 1.0
+
+    fitter = PotentialFitter(y, batch_size=64, sample_source=source)
+    fitter.step()
+    assert calls == [64]
+
+
+# --- potential files -------------------------------------------------------------------------------
+
+
+def _save(path, g, **kw):
+    args = dict(version=3, step=120, epsilon=0.0, chi2=0.04, fingerprint="abc123") | kw
+    return save_potential(path, g, **args)
+
+
+def test_save_load_round_trip(tmp_path):
+    g = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    path = _save(tmp_path / "potential.safetensors", g, pca_dim=8, extra={"method": "sgd_ema"})
+    p = load_potential(path, expected_fingerprint="abc123", expected_n=50)
+    assert torch.equal(p.g, g)
+    meta = (p.version, p.step, p.epsilon, p.chi2, p.fingerprint, p.n, p.pca_dim)
+    assert meta == (3, 120, 0.0, 0.04, "abc123", 50, 8)
+    assert p.extra == {"method": "sgd_ema"} and p.created > 0
+    assert [f.name for f in tmp_path.iterdir()] == ["potential.safetensors"]  # no temporary left
+    # Overwriting replaces the file as a whole, and a MatchIndex accepts the loaded g.
+    _save(path, g + 1, version=4)
+    again = load_potential(path)
+    assert again.version == 4 and torch.equal(again.g, g + 1)
+    MatchIndex(torch.randn(50, 2)).set_potential(again.g)
+
+
+def test_load_errors_name_the_file_and_the_fix(tmp_path):
+    g = torch.randn(50)
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(UserError, match="nope.safetensors does not exist"):
+        load_potential(missing)
+
+    good = _save(tmp_path / "good.safetensors", g)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-17])
+    with pytest.raises(UserError, match="truncated.safetensors is not a readable safetensors file"):
+        load_potential(truncated)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01not a tensor file at all")
+    with pytest.raises(UserError, match="garbage.safetensors is not a readable"):
+        load_potential(garbage)
+
+    other = tmp_path / "other.safetensors"
+    save_file({"g": g}, str(other), metadata={"format": "something/else"})
+    with pytest.raises(UserError, match="other.safetensors has format 'something/else'"):
+        load_potential(other)
+
+    bad = g.clone()
+    bad[4] = float("nan")
+    nan_file = _save(tmp_path / "nan.safetensors", bad)
+    with pytest.raises(UserError, match="nan.safetensors has 1 NaN/Inf"):
+        load_potential(nan_file)
+
+    with pytest.raises(UserError, match="good.safetensors has 50 entries but the dataset has 60"):
+        load_potential(good, expected_n=60)
+    with pytest.raises(UserError, match="good.safetensors was fitted on data with fingerprint abc123"):
+        load_potential(good, expected_fingerprint="fff000")
