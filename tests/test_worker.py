@@ -259,21 +259,14 @@ def test_bad_potential_inputs_exit_2(tmp_path):
 
 def test_fit_potential_command(tmp_path):
     out = tmp_path / "g.safetensors"
-    r = _sdfm(
-        "fit-potential",
-        "--data",
-        "moons",
-        "--data.num_points",
-        "300",
-        "--potential.max_steps",
-        "200",
-        "--potential.batch_size",
-        "64",
-        "--potential.target_chi2",
-        "0.3",
-        "--out",
-        out,
-    )
+    r = _sdfm("fit-potential", "--data", "digits", "--potential.max_steps", "400", "--potential.target_chi2", "0.05", "--out", out)
     assert r.returncode == 0, r.stderr
     pot = load_potential(out)
-    assert pot.n == 300 and pot.step > 0 and pot.chi2 < 1.0
+    from sdfm.config import DataConfig
+    from sdfm.data import load_dataset
+
+    data = load_dataset(DataConfig(name="digits"))
+    assert pot.n == len(data) and pot.fingerprint == data.fingerprint and pot.step > 0
+    assert pot.chi2 < 0.2, pot.chi2  # digits reach about 0.02 within a few hundred steps
+    r = _sdfm("fit-potential", "--data", "digits")
+    assert r.returncode == 2 and "--out" in r.stderr

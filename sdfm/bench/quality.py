@@ -40,7 +40,6 @@ def task_config(task: str, coupling: str, steps: int, seed: int, batch_size: int
     cfg = Config()
     cfg.data.name, cfg.data.source, cfg.data.conditional = TASKS[task]
     cfg.coupling.kind = coupling
-    cfg.coupling.epsilon = 0.01
     cfg.train.steps, cfg.train.seed, cfg.train.batch_size = steps, seed, batch_size
     cfg.train.log_every, cfg.train.ckpt_every = max(1, steps // 4), steps
     cfg.train.eval_at_end = False
