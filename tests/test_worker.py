@@ -259,7 +259,17 @@ def test_bad_potential_inputs_exit_2(tmp_path):
 
 def test_fit_potential_command(tmp_path):
     out = tmp_path / "g.safetensors"
-    r = _sdfm("fit-potential", "--data", "digits", "--potential.max_steps", "400", "--potential.target_chi2", "0.05", "--out", out)
+    r = _sdfm(
+        "fit-potential",
+        "--data",
+        "digits",
+        "--potential.max_steps",
+        "400",
+        "--potential.target_chi2",
+        "0.05",
+        "--out",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     pot = load_potential(out)
     from sdfm.config import DataConfig

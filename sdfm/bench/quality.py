@@ -55,7 +55,9 @@ def task_config(task: str, coupling: str, steps: int, seed: int, batch_size: int
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="sdfm bench quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sdfm bench quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -81,14 +83,28 @@ def main(argv: list[str]) -> int:
             trainer.train()
             train_s = time.perf_counter() - t0
             run = LoadedRun(
-                cfg=cfg, data=trainer.data, model=trainer.ema.module.eval(), step=trainer.step, run_dir=run_dir,
+                cfg=cfg,
+                data=trainer.data,
+                model=trainer.ema.module.eval(),
+                step=trainer.step,
+                run_dir=run_dir,
                 potential=getattr(trainer.coupling, "g", None),
             )
             res = evaluate(run, num_samples=cfg.eval.num_samples, nfe=nfe, dopri5=a.dopri5, log=info)
             metric = "fd" if run.data.is_image else "w2"
-            row = {"task": task, "coupling": coupling, "metric": metric, "train_s": round(train_s, 1), "npe": res["flow"]["npe"]}
+            row = {
+                "task": task,
+                "coupling": coupling,
+                "metric": metric,
+                "train_s": round(train_s, 1),
+                "npe": res["flow"]["npe"],
+            }
             for r in res["rows"]:
-                key = "dopri5" if r["solver"] == "dopri5" else ("exact" if r["solver"] == "exact-sd-flow" else f"nfe{r['nfe']}")
+                key = (
+                    "dopri5"
+                    if r["solver"] == "dopri5"
+                    else ("exact" if r["solver"] == "exact-sd-flow" else f"nfe{r['nfe']}")
+                )
                 row[key] = r.get(metric)
                 if r["solver"] == "dopri5":
                     row["dopri5_nfe"] = r["nfe"]
@@ -97,15 +113,27 @@ def main(argv: list[str]) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     cols = [f"nfe{k}" for k in nfe] + (["dopri5"] if a.dopri5 else [])
-    header = ["task", "coupling", "metric"] + [f"@{c[3:]}" if c.startswith("nfe") else c for c in cols] + ["NPE", "train s"]
-    print(f"\n{a.steps} steps, batch {a.batch_size}, seed {a.seed}; {platform.machine()}, torch {torch.__version__}\n")
+    header = (
+        ["task", "coupling", "metric"]
+        + [f"@{c[3:]}" if c.startswith("nfe") else c for c in cols]
+        + ["NPE", "train s"]
+    )
+    print(
+        f"\n{a.steps} steps, batch {a.batch_size}, seed {a.seed}; {platform.machine()}, torch {torch.__version__}\n"
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         vals = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else "-" for c in cols]
         if a.dopri5 and "dopri5_nfe" in r:
             vals[-1] += f" ({r['dopri5_nfe']} NFE)"
-        print("| " + " | ".join([r["task"], r["coupling"], r["metric"], *vals, f"{r['npe']:.3f}", f"{r['train_s']:.0f}"]) + " |")
+        print(
+            "| "
+            + " | ".join(
+                [r["task"], r["coupling"], r["metric"], *vals, f"{r['npe']:.3f}", f"{r['train_s']:.0f}"]
+            )
+            + " |"
+        )
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
     return 0
