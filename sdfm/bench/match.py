@@ -32,34 +32,25 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from sdfm.bench.common import int_list, machine_info, name_list
 from sdfm.errors import UserError
 from sdfm.semidiscrete import MatchIndex
 
 METHODS = ("sdfm-torch", "sdfm-faiss", "faiss-flat", "torch-matmul")
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
-
-
-def _names(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdfm bench match", description=__doc__.split("\n")[0])
-    p.add_argument("--N", type=_ints, default=[60000], help="comma-separated numbers of points")
-    p.add_argument("--d", type=_ints, default=[64, 784], help="comma-separated dimensions")
-    p.add_argument("--B", type=_ints, default=[256, 4096], help="comma-separated query batch sizes")
-    p.add_argument("--methods", type=_names, default=list(METHODS), help=", ".join(METHODS))
+    p.add_argument("--N", type=int_list, default=[60000], help="comma-separated numbers of points")
+    p.add_argument("--d", type=int_list, default=[64, 784], help="comma-separated dimensions")
+    p.add_argument("--B", type=int_list, default=[256, 4096], help="comma-separated query batch sizes")
+    p.add_argument("--methods", type=name_list, default=list(METHODS), help=", ".join(METHODS))
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median reported)")
     p.add_argument(
         "--budget", type=float, default=20.0, help="seconds per measurement; longer calls are skipped"
@@ -78,17 +69,9 @@ def _parser() -> argparse.ArgumentParser:
 def _machine(device: torch.device) -> dict[str, str | int]:
     import faiss
 
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count() or 0,
-        "torch_threads": torch.get_num_threads(),
-        "faiss_threads": faiss.omp_get_max_threads(),
-        "torch": torch.__version__,
-        "faiss": faiss.__version__,
-        "device": str(device),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-    }
+    info = machine_info()
+    info.update(faiss_threads=faiss.omp_get_max_threads(), faiss=faiss.__version__, device=str(device))
+    return info
 
 
 def _sync(device: torch.device) -> None:

@@ -36,22 +36,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from sdfm.bench.common import machine_info, name_list
 from sdfm.errors import UserError
 from sdfm.semidiscrete import PCA, Chi2Evaluator, PotentialFitter
 
 METHODS = ("sgd_ema", "averaged_sgd", "pot")
-
-
-def _names(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pca-dim", type=int, default=0, help="solve in the top principal components (0: no PCA)")
     p.add_argument("--gaussian-n", type=int, default=5000, help="points of --data gaussian")
     p.add_argument("--gaussian-d", type=int, default=64, help="dimension of --data gaussian")
-    p.add_argument("--methods", type=_names, default=list(METHODS), help="sgd_ema, averaged_sgd, pot")
+    p.add_argument("--methods", type=name_list, default=list(METHODS), help="sgd_ema, averaged_sgd, pot")
     p.add_argument("--budget", type=float, default=60.0, help="wall-time seconds per method")
     p.add_argument("--batch-size", type=int, default=1024, help="noise samples per step (all methods)")
     p.add_argument("--epsilon", type=float, default=0.0, help="target entropic regularization")
@@ -72,17 +67,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and of each method's noise")
     p.add_argument("--json", type=Path, default=None, help="write all rows to this JSON file")
     return p
-
-
-def _machine() -> dict[str, str | int]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count() or 0,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-    }
 
 
 def _load(args: argparse.Namespace) -> tuple[str, Tensor]:
@@ -173,7 +157,7 @@ def main(argv: list[str]) -> int:
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         raise UserError(f"unknown --methods {bad}; choose from {', '.join(METHODS)}")
-    machine = _machine()
+    machine = machine_info()
     name, y = _load(args)
     keys, explained = y, 1.0
     if args.pca_dim > 0:

@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import time
 import warnings
@@ -41,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sdfm.bench.common import int_list, machine_info, name_list
 from sdfm.couplings.sinkhorn import cost_std, marginal_errors, sinkhorn
 
 Solve = Callable[[int], tuple[Tensor, Tensor, int]]
@@ -56,22 +55,14 @@ class Method:
     fixed_iters: bool
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
-
-
-def _names(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdfm bench sinkhorn", description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", type=_ints, default=[1024, 4096], help="comma-separated n (= m)")
-    p.add_argument("--dims", type=_ints, default=[2, 64], help="comma-separated dimensions d")
+    p.add_argument("--sizes", type=int_list, default=[1024, 4096], help="comma-separated n (= m)")
+    p.add_argument("--dims", type=int_list, default=[2, 64], help="comma-separated dimensions d")
     p.add_argument("--iters", type=int, default=20, help="Sinkhorn iterations per timed run")
     p.add_argument("--epsilon", type=float, default=0.05, help="epsilon relative to std(C)")
-    p.add_argument("--backends", type=_names, default=["torch", "keops"], help="sdfm backends")
-    p.add_argument("--peers", type=_names, default=["pot", "geomloss"], help="pot, geomloss or none")
+    p.add_argument("--backends", type=name_list, default=["torch", "keops"], help="sdfm backends")
+    p.add_argument("--peers", type=name_list, default=["pot", "geomloss"], help="pot, geomloss or none")
     p.add_argument("--scaling", type=float, default=0.7, help="GeomLoss eps-scaling factor")
     p.add_argument("--block-size", type=int, default=4096, help="block size of the sdfm torch backend")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
@@ -80,17 +71,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random data")
     p.add_argument("--json", type=Path, default=None, help="write all rows to this JSON file")
     return p
-
-
-def _machine() -> dict[str, str | int]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count() or 0,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-    }
 
 
 def _sdfm(epsilon: float, backend: str, block_size: int) -> Method:
@@ -193,7 +173,7 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    machine = _machine()
+    machine = machine_info()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
     print(
         f"epsilon={args.epsilon} (relative), iters={args.iters}, repeats<={args.repeats}, "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdfm.checkpoint import write_atomic
 from sdfm.errors import UserError
 from sdfm.metrics.distances import frechet_distance, gaussian_stats
 
@@ -174,30 +174,6 @@ def train_classifier(
     return model, val_accuracy
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write data to path so that a reader sees the old file or the whole new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable (the directory entry), where the platform allows it.
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save_classifier(model: FeatureNet, path: str | os.PathLike, metadata: Mapping[str, object]) -> None:
     """Save the model's weights as safetensors, atomically (temporary file, fsync, os.replace).
 
@@ -216,7 +192,7 @@ def save_classifier(model: FeatureNet, path: str | os.PathLike, metadata: Mappin
     header = {"format": FORMAT, **{k: str(v) for k, v in model.arch().items()}}
     header.update({k: str(v) for k, v in metadata.items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(Path(path), safetensors.torch.save(tensors, metadata=header))
+    write_atomic(Path(path), safetensors.torch.save(tensors, metadata=header))
     model.metadata = header
 
 

@@ -57,7 +57,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -68,6 +67,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from sdfm.checkpoint import write_atomic
 from sdfm.errors import UserError
 from sdfm.semidiscrete.index import Backend, MatchIndex, class_partition
 
@@ -689,23 +689,7 @@ def save_potential(
         "created": repr(time.time()),
         "extra": json.dumps(extra or {}),
     }
-    payload = save({"g": g}, metadata=metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, save({"g": g}, metadata=metadata))
     return path
 
 
