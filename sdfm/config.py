@@ -127,6 +127,9 @@ class PotentialConfig:
     spawn_worker: bool = True
     """source='worker': the trainer starts the worker itself as a subprocess (False: start it by hand
     with sdfm worker --run-dir RUN)."""
+    worker_threads: int = 0
+    """CPU threads of the worker process (0: torch's default); cap it when the worker shares a CPU
+    machine with a trainer, or both spin-wait on the same cores."""
     stale_warning_s: float = 300.0
     """Warn when no new potential version has arrived for this many seconds (source='worker')."""
 
@@ -238,6 +241,7 @@ def validate(cfg: Config) -> Config:
     need(p.pca_dim >= 0, "potential.pca_dim", p.pca_dim, ">= 0")
     need(p.topk >= 1, "potential.topk", p.topk, ">= 1")
     need(p.publish_every >= 1, "potential.publish_every", p.publish_every, ">= 1")
+    need(p.worker_threads >= 0, "potential.worker_threads", p.worker_threads, ">= 0")
     need(p.source != "file" or bool(p.path), "potential.path", p.path, "set when potential.source = 'file'")
     need(c.train.steps >= 1, "train.steps", c.train.steps, ">= 1")
     need(c.train.batch_size >= 2, "train.batch_size", c.train.batch_size, ">= 2")

@@ -31,6 +31,7 @@ def sd_config(source="worker", steps=30) -> Config:
     cfg.potential.target_chi2 = 0.3
     cfg.potential.stale_warning_s = 1.0
     cfg.potential.spawn_worker = False
+    cfg.potential.worker_threads = 1
     cfg.train.steps, cfg.train.batch_size = steps, 32
     cfg.train.log_every, cfg.train.ckpt_every = 10, 10
     cfg.train.eval_at_end = False

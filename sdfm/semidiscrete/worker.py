@@ -101,6 +101,8 @@ def run_worker(run_dir: Path, *, config_path: Path | None = None, max_steps: int
             f"no config at {cfg_path}; point --run-dir at a run made by `sdfm train` (or pass --config)"
         )
     cfg = config_mod.load_config(cfg_path)
+    if cfg.potential.worker_threads:
+        torch.set_num_threads(cfg.potential.worker_threads)
     data = load_dataset(cfg.data)
     check_dataset(run_dir, data)
     out = potential_dir(run_dir)
