@@ -92,19 +92,9 @@ class Trainer:
             self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        if cfg.coupling.kind == "semidiscrete":
-            from sdfm.couplings.semidiscrete import SemidiscreteCoupling
-
-            self.coupling = SemidiscreteCoupling(
-                self.data.x,
-                self.data.labels,
-                cfg.potential,
-                self.data.fingerprint,
-                per_class=self.conditional,
-                warn=info,
-            )
-        else:
-            self.coupling = build_coupling(cfg.coupling, per_class=self.conditional)
+        self.coupling = build_coupling(
+            cfg.coupling, per_class=self.conditional, dataset=self.data, potential=cfg.potential, warn=info
+        )
         self.worker = None  # the dual-potential worker subprocess, when the trainer started one
         self.stream = DataStream(len(self.data), cfg.train.batch_size, cfg.train.seed)
         self.gen = torch.Generator().manual_seed(cfg.train.seed)

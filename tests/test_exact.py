@@ -79,5 +79,7 @@ def test_build_coupling_kinds():
     sink = build_coupling(cfg, per_class=False)
     assert isinstance(sink, SinkhornCoupling) and not sink.per_class
     assert (sink.epsilon, sink.backend, sink.anneal_from, sink.block_size) == (0.2, "keops", 1.0, 64)
+    with pytest.raises(ValueError, match="dataset"):
+        build_coupling(CouplingConfig(kind="semidiscrete"), per_class=False)
     with pytest.raises(UserError, match="coupling.kind.*'independent', 'exact', 'sinkhorn'"):
         build_coupling(CouplingConfig(kind="hungarian"), per_class=False)  # type: ignore[arg-type]

@@ -25,19 +25,7 @@ from sdfm.semidiscrete import (
 A = torch.tensor([1.5, 0.0])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The problems here are tiny: with 2 threads, a busy neighbour process turns OpenMP's spin-waits
-    into most of the time (measured: this suite 5 s alone, 100 s beside one busy process). One
-    thread keeps it fast and steady."""
-    import faiss
-
-    before, before_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    faiss.omp_set_num_threads(before_faiss)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _points(n: int = 200, d: int = 4, seed: int = 0) -> torch.Tensor:

@@ -3,8 +3,12 @@ every benchmark prints beside its numbers."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,3 +33,11 @@ def machine_info() -> dict[str, str | int]:
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
     }
+
+
+def write_json(path: Path, machine: dict, args: argparse.Namespace, **results: Any) -> None:
+    """Write a benchmark's machine, arguments and results to ``path`` (the --json option)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings = vars(args) | {"json": str(path)}
+    path.write_text(json.dumps({"machine": machine, "args": settings, **results}, indent=1))
+    print(f"wrote {path}")

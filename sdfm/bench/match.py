@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from sdfm.bench.common import int_list, machine_info, name_list
+from sdfm.bench.common import int_list, machine_info, name_list, write_json
 from sdfm.errors import UserError
 from sdfm.semidiscrete import MatchIndex
 
@@ -228,10 +227,7 @@ def main(argv: list[str]) -> int:
             del y, g, queries
             gc.collect()
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        settings = vars(args) | {"json": str(args.json)}
-        args.json.write_text(json.dumps({"machine": machine, "args": settings, "rows": rows}, indent=1))
-        print(f"wrote {args.json}")
+        write_json(args.json, machine, args, rows=rows)
     return 0
 
 

@@ -34,7 +34,6 @@ Run: ``sdfm bench potential`` (digits, 60 s per method), or e.g.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdfm.bench.common import machine_info, name_list
+from sdfm.bench.common import machine_info, name_list, write_json
 from sdfm.errors import UserError
 from sdfm.semidiscrete import PCA, Chi2Evaluator, PotentialFitter
 
@@ -204,18 +203,8 @@ def main(argv: list[str]) -> int:
         hit = "not reached" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f} s"
         print(f"{r['method']:<14} {r['final_chi2']:>10.4f} {last['seconds']:>7.1f} {last['steps']:>7}  {hit}")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         data = {"name": name, "n": n, "d": y.shape[1], "pca_dim": args.pca_dim, "explained": explained}
-        settings = vars(args) | {"json": str(args.json)}
-        payload = {
-            "machine": machine,
-            "args": settings,
-            "data": data,
-            "chi2_zero": chi2_zero,
-            "methods": results,
-        }
-        args.json.write_text(json.dumps(payload, indent=1))
-        print(f"wrote {args.json}")
+        write_json(args.json, machine, args, data=data, chi2_zero=chi2_zero, methods=results)
     return 0
 
 

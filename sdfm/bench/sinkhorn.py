@@ -27,7 +27,6 @@ Run: ``sdfm bench sinkhorn --sizes 1024,4096 --dims 2,64`` (or call ``main(argv)
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdfm.bench.common import int_list, machine_info, name_list
+from sdfm.bench.common import int_list, machine_info, name_list, write_json
 from sdfm.couplings.sinkhorn import cost_std, marginal_errors, sinkhorn
 
 Solve = Callable[[int], tuple[Tensor, Tensor, int]]
@@ -210,8 +209,5 @@ def main(argv: list[str]) -> int:
                 )
             rows += group
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        settings = vars(args) | {"json": str(args.json)}
-        args.json.write_text(json.dumps({"machine": machine, "args": settings, "rows": rows}, indent=1))
-        print(f"wrote {args.json}")
+        write_json(args.json, machine, args, rows=rows)
     return 0

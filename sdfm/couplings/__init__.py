@@ -1,13 +1,20 @@
-"""Couplings: how a batch of noise is paired with data (independent, exact OT, entropic Sinkhorn)."""
+"""Couplings: how a batch of noise is paired with data (independent, exact OT, entropic Sinkhorn,
+semidiscrete OT against the whole dataset)."""
 
 from __future__ import annotations
 
-from sdfm.config import CouplingConfig
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from sdfm.config import CouplingConfig, PotentialConfig
 from sdfm.couplings.base import Coupling, Pairs
 from sdfm.couplings.exact import ExactOTCoupling
 from sdfm.couplings.independent import IndependentCoupling
 from sdfm.couplings.sinkhorn import SinkhornCoupling, SinkhornResult, sinkhorn
 from sdfm.errors import UserError
+
+if TYPE_CHECKING:
+    from sdfm.data import Dataset
 
 __all__ = [
     "Coupling",
@@ -20,11 +27,30 @@ __all__ = [
     "sinkhorn",
 ]
 
-KINDS = ("independent", "exact", "sinkhorn")
+KINDS = ("independent", "exact", "sinkhorn", "semidiscrete")
 
 
-def build_coupling(cfg: CouplingConfig, per_class: bool) -> Coupling:
-    """The coupling that ``cfg.kind`` names; ``per_class`` keeps pairs within a class."""
+def build_coupling(
+    cfg: CouplingConfig,
+    per_class: bool,
+    *,
+    dataset: Dataset | None = None,
+    potential: PotentialConfig | None = None,
+    warn: Callable[[str], None] = print,
+) -> Coupling:
+    """The coupling that ``cfg.kind`` names; ``per_class`` keeps pairs within a class.
+
+    The semidiscrete coupling matches against the whole ``dataset`` with the ``potential`` settings
+    (both required for it); ``warn`` receives its one-line warnings (stale or rejected snapshots).
+    """
+    if cfg.kind == "semidiscrete":
+        if dataset is None or potential is None:
+            raise ValueError("the semidiscrete coupling needs the dataset and the [potential] config")
+        from sdfm.couplings.semidiscrete import SemidiscreteCoupling
+
+        return SemidiscreteCoupling(
+            dataset.x, dataset.labels, potential, dataset.fingerprint, per_class=per_class, warn=warn
+        )
     if cfg.kind == "independent":
         return IndependentCoupling(per_class=per_class)
     if cfg.kind == "exact":
