@@ -21,13 +21,23 @@ budget, and the median is reported. The error column is the larger of the two L1
 the plan implied by each method's potentials, all evaluated by the same blocked code. The last
 column is a method's time per iteration divided by the best sdfm backend's.
 
-Run: ``sdfm bench sinkhorn --sizes 1024,4096 --dims 2,64`` (or call ``main(argv)``).
+Sharded (``--ranks 1,2``): instead of the comparison above, the sharded solver
+(``sdfm.distributed.sinkhorn.sharded_sinkhorn``) runs on R local gloo CPU ranks for each requested R,
+each rank holding n/R rows and all m columns, with ``--threads`` (default: all cores) divided between
+the ranks. Rows report the time per iteration (the slowest rank's wall time of a solve over its
+iterations, median of the repeats), the share of it that the ranks spent inside collectives (mean
+over ranks; it includes waiting for a slower rank), the time to all-gather the columns once (per
+batch, not per iteration), and the speed-up over the 1-rank row.
+
+Run: ``sdfm bench sinkhorn --sizes 1024,4096 --dims 2,64`` (or call ``main(argv)``), or
+``sdfm bench sinkhorn --sizes 4096 --dims 64 --backends torch --ranks 1,2``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 import warnings
@@ -40,6 +50,7 @@ from torch import Tensor
 
 from sdfm.bench.common import int_list, machine_info, name_list, write_json
 from sdfm.couplings.sinkhorn import cost_std, marginal_errors, sinkhorn
+from sdfm.errors import UserError
 
 Solve = Callable[[int], tuple[Tensor, Tensor, int]]
 """A method bound to its data: iteration budget -> (f (n,), g (m,), iterations it ran)."""
@@ -69,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random data")
     p.add_argument("--json", type=Path, default=None, help="write all rows to this JSON file")
+    p.add_argument(
+        "--ranks",
+        type=int_list,
+        default=[],
+        help="comma-separated rank counts: time the sharded solver on that many gloo CPU ranks instead",
+    )
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per sharded launch")
     return p
 
 
@@ -167,12 +185,152 @@ def _measure(method: Method, x: Tensor, y: Tensor, eps: float, args: argparse.Na
     }
 
 
+def _sharded_rank(rank: int, world: int, n: int, d: int, backend: str, args: argparse.Namespace) -> dict:
+    """One rank of a sharded run (called by ``run_local``): warm up, probe, time; see ``_sharded``."""
+    import torch.distributed as dist
+
+    from sdfm.distributed.sinkhorn import all_gather_rows, sharded_sinkhorn
+
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(n, d, generator=gen)
+    y = 0.5 * torch.randn(n, d, generator=gen) + 1.0
+
+    def solve(rows: Tensor, cols: Tensor, iters: int):
+        mine = torch.tensor_split(rows, world)[rank]
+        return sharded_sinkhorn(
+            mine,
+            cols,
+            epsilon=args.epsilon,
+            backend=backend,
+            max_iter=iters,
+            tol=0.0,
+            block_size=args.block_size,
+        )
+
+    def slowest(seconds: float) -> float:
+        # Every rank must take the same decisions (skip, one more repeat), or the collectives hang.
+        t = torch.tensor([seconds], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+    solve(x[:256], y[:256], 1)  # compiles KeOps formulas, first-call allocations
+    p = min(n, 1024)
+    k = min(args.iters, 5)
+    probes = [solve(x[:p], y[:p], k) for _ in range(2)]
+    probe_s = slowest(min(r.comm_s + r.compute_s for r in probes))
+    predicted = probe_s * (n / p) ** 2 * args.iters / k
+    if predicted > args.budget:
+        return {"skipped": f"predicted {predicted:.0f} s per run > --budget {args.budget:g} s"}
+    start = time.perf_counter()
+    gathered = all_gather_rows(torch.tensor_split(y, world)[rank])
+    gather_s = slowest(time.perf_counter() - start)
+    assert torch.equal(gathered.rows, y)
+    times, comm_share = [], []
+    while len(times) < args.repeats and (not times or sum(times) + times[-1] <= args.budget):
+        result = solve(x, gathered.rows, args.iters)
+        total = result.comm_s + result.compute_s
+        times.append(slowest(total))
+        comm_share.append(result.comm_s / total)
+    return {
+        "times_s": times,
+        "comm_share": statistics.median(comm_share),
+        "gather_s": gather_s,
+        "threads": torch.get_num_threads(),
+        "f": result.f_local,
+        "g": result.g,
+        "eps": result.eps,
+        "iters": result.iters,
+    }
+
+
+def _sharded(args: argparse.Namespace) -> list[dict]:
+    """Time ``sharded_sinkhorn`` on R local gloo ranks for every R in ``--ranks``; print the table."""
+    from sdfm.distributed.spawn import run_local
+
+    cores = args.threads if args.threads > 0 else os.cpu_count() or 1
+    header = f"{'n':>6} {'d':>4} {'ranks':>5} {'thr/rk':>6}  {'method':<12} {'iters':>5} {'ms/iter':>9}"
+    header += f" {'comm %':>7} {'gather ms':>9} {'total ms':>10} {'L1 err':>9} {'speedup':>7}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for n in args.sizes:
+        for d in args.dims:
+            gen = torch.Generator().manual_seed(args.seed)
+            x = torch.randn(n, d, generator=gen)
+            y = 0.5 * torch.randn(n, d, generator=gen) + 1.0
+            for backend in args.backends:
+                if backend == "keops":  # compile here once, not in every rank racing for the cache
+                    sinkhorn(x[:256], y[:256], backend="keops", max_iter=1)
+                base = math.nan
+                for world in args.ranks:
+                    threads = max(1, cores // world)
+                    outs = run_local(
+                        _sharded_rank,
+                        world,
+                        args=(n, d, backend, args),
+                        timeout_s=args.timeout,
+                        threads=threads,
+                    )
+                    row: dict = {
+                        "n": n,
+                        "d": d,
+                        "method": f"sdfm {backend}",
+                        "ranks": world,
+                        "threads": threads,
+                    }
+                    if "skipped" in outs[0]:
+                        rows.append(row | {"skipped": outs[0]["skipped"]})
+                        print(
+                            f"{n:>6} {d:>4} {world:>5} {threads:>6}  {backend:<12} skipped: {outs[0]['skipped']}"
+                        )
+                        continue
+                    first = outs[0]
+                    f = torch.cat([o["f"] for o in outs])
+                    row_err, col_err = marginal_errors(x, y, f, first["g"], first["eps"])
+                    total = statistics.median(first["times_s"])
+                    row |= {
+                        "iters": first["iters"],
+                        "total_s": total,
+                        "s_per_iter": total / first["iters"],
+                        "times_s": first["times_s"],
+                        "comm_share": statistics.mean(o["comm_share"] for o in outs),
+                        "comm_share_per_rank": [o["comm_share"] for o in outs],
+                        "gather_s": first["gather_s"],
+                        "row_err": row_err,
+                        "col_err": col_err,
+                    }
+                    if world == 1:
+                        base = row["s_per_iter"]
+                    row["speedup_vs_1_rank"] = base / row["s_per_iter"]
+                    rows.append(row)
+                    print(
+                        f"{n:>6} {d:>4} {world:>5} {threads:>6}  {backend:<12} {row['iters']:>5} "
+                        f"{1e3 * row['s_per_iter']:>9.2f} {100 * row['comm_share']:>6.1f}% "
+                        f"{1e3 * row['gather_s']:>9.2f} {1e3 * total:>10.1f} {max(row_err, col_err):>9.2e} "
+                        f"{row['speedup_vs_1_rank']:>7.2f}"
+                    )
+    return rows
+
+
 def main(argv: list[str]) -> int:
     """Run the benchmark, print a table, optionally write JSON; returns the exit code."""
     args = _parser().parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     machine = machine_info()
+    if args.ranks:
+        if min(args.ranks) < 1:
+            raise UserError(f"--ranks must be positive rank counts, got {args.ranks}")
+        print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
+        print(
+            f"sharded sdfm sinkhorn on local gloo CPU ranks: epsilon={args.epsilon} (relative), "
+            f"iters={args.iters}, repeats<={args.repeats}, budget={args.budget:g} s, "
+            f"block_size={args.block_size}, sqeuclidean cost, fp32"
+        )
+        rows = _sharded(args)
+        if args.json is not None:
+            write_json(args.json, machine, args, rows=rows)
+        return 0
     print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
     print(
         f"epsilon={args.epsilon} (relative), iters={args.iters}, repeats<={args.repeats}, "
