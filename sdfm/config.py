@@ -75,8 +75,10 @@ class CouplingConfig:
     """Entropic regularization relative to the spread of the cost: the solver uses epsilon * std(C)."""
     cost: Literal["sqeuclidean", "dot"] = "sqeuclidean"
     """Ground cost: 0.5*|x-y|^2 or -<x,y> (the same coupling; the norms fold into the potentials)."""
-    backend: Literal["torch", "keops"] = "torch"
-    """Sinkhorn backend: blocked torch (chunked matmul + logsumexp) or KeOps LazyTensors."""
+    backend: Literal["torch", "keops", "triton", "auto"] = "torch"
+    """Sinkhorn backend: blocked torch (chunked matmul + logsumexp), KeOps LazyTensors, the fused Triton
+    kernels (CUDA), or auto (on CUDA the faster of triton and torch, measured once per shape; else
+    torch)."""
     max_iter: int = 500
     """Sinkhorn iteration budget per batch."""
     tol: float = 1e-3
@@ -118,8 +120,10 @@ class PotentialConfig:
     """Fitting time budget in seconds (0: none)."""
     pca_dim: int = 0
     """Fit and match in the top-p principal components of the data (0: full dimension)."""
-    index: Literal["torch", "faiss"] = "torch"
-    """Matching index backend: brute-force torch (chunked matmul + bias + argmax) or FAISS flat IP."""
+    index: Literal["torch", "faiss", "triton", "auto"] = "torch"
+    """Matching index backend: brute-force torch (chunked matmul + bias + argmax), FAISS flat IP, the
+    fused Triton kernel (CUDA), or auto (on CUDA the faster of triton and torch, measured once per
+    shape; else torch)."""
     topk: int = 64
     """Candidates for softmax sampling when epsilon > 0."""
     publish_every: int = 50

@@ -33,13 +33,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from sdfm import kernels
 from sdfm.couplings.base import Coupling
 
 Cost = Literal["sqeuclidean", "dot"]
-Backend = Literal["torch", "keops"]
+Backend = Literal["torch", "keops", "triton", "auto"]
 
 COSTS = ("sqeuclidean", "dot")
-BACKENDS = ("torch", "keops")
+BACKENDS = ("torch", "keops", "triton", "auto")
+"""torch: blocked matmul + logsumexp; keops: LazyTensors; triton: the fused kernels of sdfm.kernels (CUDA,
+or TRITON_INTERPRET=1); auto: on CUDA, whichever of triton and torch measures faster, else torch."""
 
 ANNEAL_FACTOR = 0.5
 """With annealing, the relative epsilon is multiplied by this every ``check_every`` iterations."""
@@ -177,11 +180,21 @@ def _lse_keops(a: Tensor, b: Tensor, h: Tensor) -> Tensor:
 
 
 def _reducer(backend: Backend, block_size: int) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """The backend's (a, b, h) -> logsumexp_j (h_j + <a_i, b_j>) reduction."""
+    """The backend's (a, b, h) -> logsumexp_j (h_j + <a_i, b_j>) reduction (see ``BACKENDS``)."""
     if backend == "torch":
         return lambda a, b, h: _lse_torch(a, b, h, block_size)
     if backend == "keops":
         return _lse_keops
+    if backend == "triton":
+        return kernels.lse
+    if backend == "auto":
+        return lambda a, b, h: kernels.auto(
+            "lse",
+            a,
+            (a.shape[0], b.shape[0], a.shape[1]),
+            lambda: kernels.lse(a, b, h),
+            lambda: _lse_torch(a, b, h, block_size),
+        )
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -218,7 +231,8 @@ def sinkhorn(
         epsilon: regularization relative to std(C); the solver uses eps = epsilon * std(C) (or
             eps = epsilon when C is constant, where every eps gives the same, uniform, plan).
         cost: 'sqeuclidean' (0.5 |x - y|^2) or 'dot' (-<x, y>).
-        backend: 'torch' (blocked matmul + logsumexp) or 'keops' (LazyTensors).
+        backend: 'torch' (blocked matmul + logsumexp), 'keops' (LazyTensors), 'triton' (fused kernel,
+            CUDA or TRITON_INTERPRET=1) or 'auto' (the faster of triton and torch on CUDA, torch elsewhere).
         max_iter: iteration budget.
         tol: stopping threshold on the L1 row-marginal error.
         check_every: iterations between marginal checks (and annealing steps).
@@ -227,6 +241,9 @@ def sinkhorn(
         g_init: (m,) warm-start column potential in absolute units (e.g. the previous batch's g).
         anneal_from: starting relative epsilon for annealing (no annealing when <= epsilon).
         block_size: rows/columns per block of the torch backend (memory O(block_size^2)).
+
+    Raises:
+        UserError: backend 'triton' where it cannot run (no CUDA and no TRITON_INTERPRET=1, or no triton).
 
     Returns:
         SinkhornResult with float32 potentials f (n,), g (m,) on x's device.
@@ -346,12 +363,14 @@ def sample_rows(
     cost: Cost = "sqeuclidean",
     block_size: int = 4096,
     row_offset: int = 0,
+    backend: Backend = "torch",
 ) -> Tensor:
     """Draw one partner per row from the conditional plan P(j | i) by the Gumbel-max trick.
 
     j_i = argmax_j [(g_j - C_ij) / eps + G_ij] with G_ij Gumbel noise from a counter-based hash of
-    (seed, global row id, column id), so the draw does not depend on the block size, and a shard of
-    rows x = X[row_offset : row_offset + n] gets the same partners as those rows of the full batch.
+    (seed, global row id, column id), so the draw does not depend on the block size or the backend,
+    and a shard of rows x = X[row_offset : row_offset + n] gets the same partners as those rows of the
+    full batch.
 
     Args:
         x: (n, d) rows (global ids row_offset .. row_offset + n - 1).
@@ -359,30 +378,58 @@ def sample_rows(
         result: potentials from ``sinkhorn`` on these columns (only g and eps are used).
         seed: integer seed (taken mod 2^32), drawn by the caller from its torch.Generator.
         cost: the cost ``result`` was computed with.
-        block_size: rows/columns per block (memory O(block_size^2)).
+        block_size: rows/columns per block of the torch path (memory O(block_size^2)).
         row_offset: global id of the first row.
+        backend: 'triton' draws with the fused kernel (``sdfm.kernels.gumbel_argmax``: the same noise,
+            hence the same partners up to the rounding of the scores), 'auto' with the faster of it and
+            torch; 'torch' and 'keops' use the blocked torch path.
 
     Returns:
         (n,) int64 column indices into y.
     """
     _check_inputs(x, y, cost)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if tuple(result.g.shape) != (y.shape[0],):
         raise ValueError(f"result.g has shape {tuple(result.g.shape)} but y has {y.shape[0]} rows")
     xs, ys, _, hy = _scaled(x, y, result.eps, cost)
     h = result.g.detach().to(xs) / result.eps - hy  # the row term of C only shifts a row's scores
     seed_key = _hash32(torch.tensor(seed & _MASK32, dtype=torch.long, device=xs.device))
-    rows_all = torch.arange(row_offset, row_offset + x.shape[0], device=xs.device)
-    cols_all = torch.arange(y.shape[0], device=xs.device)
-    out = torch.empty(x.shape[0], dtype=torch.long, device=xs.device)
-    for i0 in range(0, x.shape[0], block_size):
+    rows = torch.arange(row_offset, row_offset + x.shape[0], device=xs.device)
+    row_keys = _hash32((seed_key ^ rows) & _MASK32)
+    if backend == "triton":
+        return kernels.gumbel_argmax(xs, ys, h, row_keys).index
+    if backend == "auto":
+        return kernels.auto(
+            "gumbel_argmax",
+            xs,
+            (xs.shape[0], *ys.shape),
+            lambda: kernels.gumbel_argmax(xs, ys, h, row_keys).index,
+            lambda: _gumbel_argmax_torch(xs, ys, h, row_keys, block_size),
+        )
+    return _gumbel_argmax_torch(xs, ys, h, row_keys, block_size)
+
+
+def _gumbel_argmax_torch(xs: Tensor, ys: Tensor, h: Tensor, row_keys: Tensor, block_size: int) -> Tensor:
+    """argmax_j (h_j + <xs_i, ys_j> + G_ij) in blocks (the noise of ``_gumbel``), O(block_size^2) memory.
+
+    Args:
+        xs: (n, d), ys: (m, d), h: (m,) float32; row_keys: (n,) int64 hashed global row ids.
+
+    Returns:
+        (n,) int64 column indices.
+    """
+    cols_all = torch.arange(ys.shape[0], device=xs.device)
+    out = torch.empty(xs.shape[0], dtype=torch.long, device=xs.device)
+    for i0 in range(0, xs.shape[0], block_size):
         xi = xs[i0 : i0 + block_size]
-        row_keys = _hash32((seed_key ^ rows_all[i0 : i0 + block_size]) & _MASK32)
+        keys = row_keys[i0 : i0 + block_size]
         best = xs.new_full((xi.shape[0],), -math.inf)
         arg = torch.zeros(xi.shape[0], dtype=torch.long, device=xs.device)
-        for j0 in range(0, y.shape[0], block_size):
+        for j0 in range(0, ys.shape[0], block_size):
             cols = cols_all[j0 : j0 + block_size]
             scores = torch.addmm(h[j0 : j0 + block_size], xi, ys[j0 : j0 + block_size].T)
-            value, index = (scores + _gumbel(row_keys, cols)).max(dim=1)
+            value, index = (scores + _gumbel(keys, cols)).max(dim=1)
             better = value > best  # strict: on a tie the earlier column wins, as in one big argmax
             best = torch.where(better, value, best)
             arg = torch.where(better, index + j0, arg)
@@ -450,7 +497,9 @@ class SinkhornCoupling(Coupling):
         if self.warm_start:
             self._f, self._g = result.f, result.g
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
-        index = sample_rows(x0, x1, result, seed=seed, cost=self.cost, block_size=self.block_size)
+        index = sample_rows(
+            x0, x1, result, seed=seed, cost=self.cost, block_size=self.block_size, backend=self.backend
+        )
         return index.to(x1.device)
 
     def stats(self) -> dict[str, float]:

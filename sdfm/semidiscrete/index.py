@@ -16,6 +16,11 @@ everything that does not depend on g is built once and ``set_potential`` only to
   queried with [x ; 1]. On the CPU the g column of the index's stored vectors is overwritten in place
   (a strided write of N floats). A FAISS GPU index cannot be edited in place, so there a new g means
   ``reset()`` + ``add()`` of the augmented keys from a host copy (a rebuild, O(N d) copied to the GPU).
+- triton backend: the torch backend's keys and in-place bias, searched by one fused kernel
+  (``sdfm.kernels.argmax``: matrix product, bias and running argmax per tile, no score block in
+  memory). CUDA only, or any device under TRITON_INTERPRET=1 (tests). ``topk`` is the torch backend's.
+- auto backend: the same index; each search runs the faster of the triton kernel and the torch loop,
+  measured once per shape class on CUDA; on a CPU it is the torch backend.
 
 With ``labels``, each class has its own sub-index holding that class's rows (and a map back to the
 global ids), and a query of class c only searches class c: pairs never cross classes.
@@ -37,10 +42,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sdfm import kernels
 from sdfm.errors import UserError
 
-Backend = Literal["torch", "faiss"]
-BACKENDS = ("torch", "faiss")
+Backend = Literal["torch", "faiss", "triton", "auto"]
+BACKENDS = ("torch", "faiss", "triton", "auto")
 
 __all__ = ["MatchIndex", "PCA", "TopK", "class_partition", "reference_argmax"]
 
@@ -193,6 +199,26 @@ class _TorchBlock:
         return best, arg
 
 
+class _TritonBlock(_TorchBlock):
+    """A ``_TorchBlock`` (same keys, same in-place bias) whose search is the fused Triton kernel, or with
+    ``auto`` the faster of the kernel and the torch loop for each shape class (torch off CUDA)."""
+
+    def __init__(self, keys: Tensor, chunk_size: int, auto: bool):
+        super().__init__(keys, chunk_size)
+        self.auto = auto
+
+    def search(self, q: Tensor) -> Tensor:
+        if not self.auto:
+            return kernels.argmax(q, self.keys, self.bias).index
+        return kernels.auto(
+            "argmax",
+            q,
+            (q.shape[0], *self.keys.shape),
+            lambda: kernels.argmax(q, self.keys, self.bias).index,
+            lambda: _TorchBlock.search(self, q),
+        )
+
+
 class _FaissBlock:
     """A flat inner-product FAISS index over [keys ; g] for one group of points."""
 
@@ -246,15 +272,20 @@ class MatchIndex:
 
     Args:
         y: (N, d) data points (flatten images first).
-        backend: 'torch' (chunked matmul + bias + running argmax) or 'faiss' (flat index over [y; g]).
+        backend: 'torch' (chunked matmul + bias + running argmax), 'faiss' (flat index over [y; g]),
+            'triton' (the fused kernel; CUDA, or TRITON_INTERPRET=1) or 'auto' (the faster of triton and
+            torch per shape class on CUDA, torch elsewhere); see the module docstring.
         labels: (N,) int64 classes; queries then search only their own class.
         pca_dim: match in the top-``pca_dim`` principal components of y (0: full dimension d).
         device: where the torch index lives (default: y's device). The faiss backend uses a FAISS GPU
             index when this is a CUDA device and faiss was built with GPU support, else the CPU.
         chunk_size: rows of y scored at a time by the torch backend (memory: B x chunk_size fp32); on a
             CPU fewer, so that a chunk holds at most 2^22 scores.
-        compute_dtype: dtype of keys and queries in the torch backend's products (default bf16 on
-            CUDA, fp32 on CPU); the bias and the scores are always fp32.
+        compute_dtype: dtype of keys and queries in the torch, triton and auto backends' products
+            (default bf16 on CUDA, fp32 on CPU); the bias and the scores are always fp32.
+
+    Raises:
+        UserError: a bad argument, or backend 'triton' where it cannot run (the message names the fix).
 
     Attributes:
         n: number of points N.
@@ -282,6 +313,8 @@ class MatchIndex:
             )
         if backend not in BACKENDS:
             raise UserError(f"unknown matching backend '{backend}'; use one of {', '.join(BACKENDS)}")
+        if backend == "triton":
+            kernels.require_triton(device if device is not None else y.device)
         n, d = y.shape
         if not 0 <= pca_dim <= d:
             raise UserError(
@@ -311,8 +344,12 @@ class MatchIndex:
             block_keys = keys if not self.labeled else keys[rows]
             if backend == "torch":
                 self._blocks.append(_TorchBlock(block_keys.to(compute_dtype), chunk_size))
-            else:
+            elif backend == "faiss":
                 self._blocks.append(_FaissBlock(block_keys, gpu=use_gpu_faiss))
+            else:
+                self._blocks.append(
+                    _TritonBlock(block_keys.to(compute_dtype), chunk_size, auto=backend == "auto")
+                )
         self.potential = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.last_refresh_seconds = 0.0
 
@@ -367,7 +404,7 @@ class MatchIndex:
             )
         if query_labels is not None and tuple(query_labels.shape) != (x.shape[0],):
             raise UserError(f"query_labels have shape {tuple(query_labels.shape)}; expected ({x.shape[0]},)")
-        return q.to(self.compute_dtype) if self.backend == "torch" else q
+        return q if self.backend == "faiss" else q.to(self.compute_dtype)
 
     def _groups(self, query_labels: Tensor | None):
         """Yield (slot, query positions or None for all) for each class present among the queries."""
