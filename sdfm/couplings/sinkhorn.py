@@ -472,13 +472,13 @@ class SinkhornCoupling(Coupling):
         self.anneal_from = anneal_from
         self.block_size = block_size
         self.per_class = per_class
-        self._f: Tensor | None = None
+        self._n: int | None = None  # rows of the batch the warm-start g was solved with
         self._g: Tensor | None = None
         self._last: SinkhornResult | None = None
 
     def match(self, x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
         """Return (B,) int64 partners in x1 (B, D) for the rows of x0 (B, D)."""
-        warm = self.warm_start and self._g is not None and self._f.shape[0] == x0.shape[0]
+        warm = self.warm_start and self._g is not None and self._n == x0.shape[0]
         warm = warm and self._g.shape[0] == x1.shape[0]
         result = sinkhorn(
             x0,
@@ -495,7 +495,7 @@ class SinkhornCoupling(Coupling):
         )
         self._last = result
         if self.warm_start:
-            self._f, self._g = result.f, result.g
+            self._n, self._g = x0.shape[0], result.g
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
         index = sample_rows(
             x0, x1, result, seed=seed, cost=self.cost, block_size=self.block_size, backend=self.backend
@@ -509,14 +509,17 @@ class SinkhornCoupling(Coupling):
         return {"sinkhorn_iters": float(last.iters), "sinkhorn_err": last.err, "sinkhorn_eps": last.eps}
 
     def state_dict(self) -> dict[str, Tensor]:
-        if self._f is None:
+        """The warm-start g (m,) and the row count n it was solved with (the format of
+        ``ShardedSinkhornCoupling`` too, so a run resumes on any number of ranks)."""
+        if self._g is None:
             return {}
-        return {"f": self._f.detach().clone(), "g": self._g.detach().clone()}
+        return {"g": self._g.detach().clone(), "n": torch.tensor(self._n, dtype=torch.long)}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if not state:
-            self._f = self._g = None
+            self._n = self._g = None
             return
-        if set(state) != {"f", "g"}:
-            raise ValueError(f"a Sinkhorn coupling state has keys 'f' and 'g', got {sorted(state)}")
-        self._f, self._g = state["f"].detach().clone(), state["g"].detach().clone()
+        if set(state) == {"g", "n"}:
+            self._n, self._g = int(state["n"]), state["g"].detach().clone()
+        else:
+            raise ValueError(f"a Sinkhorn coupling state has keys 'g' and 'n', got {sorted(state)}")

@@ -636,16 +636,14 @@ class ShardedSinkhornCoupling(Coupling):
         return {"g": self._g.detach().clone(), "n": torch.tensor(self._n, dtype=torch.long)}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Load a state of this class or of ``SinkhornCoupling`` ({'f', 'g'}: a single-process run
-        resumed on several ranks), whatever the world size."""
+        """Load a state of this class or of ``SinkhornCoupling`` (the same format: a run resumes on any
+        number of ranks)."""
         if not state:
             self._n = self._g = None
             return
         if set(state) == {"g", "n"}:
             self._n, self._g = int(state["n"]), state["g"].detach().clone()
-        elif set(state) == {"f", "g"}:
-            self._n, self._g = state["f"].shape[0], state["g"].detach().clone()
         else:
             raise ValueError(
-                f"a sharded Sinkhorn coupling state has keys 'g' and 'n' (or 'f' and 'g'), got {sorted(state)}"
+                f"a Sinkhorn coupling state has keys 'g' and 'n', got {sorted(state)}"
             )
