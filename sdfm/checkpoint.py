@@ -4,9 +4,11 @@ Layout of ``RUN/checkpoints/step-00001000/``::
 
     model.safetensors, ema.safetensors     weights (string metadata: step, fingerprint)
     coupling.safetensors                   coupling state (warm-start potentials, ...)
-    rng-rank0.safetensors                  generator states of rank 0
     optimizer.pt, scheduler.pt             torch.save'd state dicts (loaded with weights_only=True)
-    trainer_state.json                     step, data position, ... and the sha256 of every file
+    trainer_state.json                     step, data position, world size, ... and the sha256 of every file
+
+The trainer's random draws are functions of (seed, step, row) (``sdfm.data.noise``), so no generator
+state is saved and a checkpoint resumes on any number of ranks.
 
 A checkpoint is complete when ``trainer_state.json`` exists and every file matches its recorded hash.
 Files are written into ``.tmp-step-...``, fsynced, and the folder is renamed with ``os.replace``; only

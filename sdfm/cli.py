@@ -6,12 +6,13 @@ Bad input ends with one ``error: ...`` line naming the input and the fix, and ex
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from sdfm.errors import UserError
+from sdfm.errors import AgreedError, UserError
 
 COMMANDS = {
     "train": "train a flow-matching model (sdfm train --config FILE [--run-dir DIR] [--resume] [--section.field VALUE ...])",
@@ -281,7 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         HANDLERS[cmd](rest)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        if rank == "0" or not isinstance(e, AgreedError):  # an agreed error is printed once, by rank 0
+            print(f"error: {e}" if rank == "0" else f"error (rank {rank}): {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

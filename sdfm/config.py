@@ -161,7 +161,8 @@ class TrainConfig:
     steps: int = 4000
     """Optimizer steps."""
     batch_size: int = 256
-    """Pairs per step (also the minibatch-OT batch size)."""
+    """Pairs per step, over all ranks (the global batch, also the minibatch-OT batch size); each of W
+    ranks of a data-parallel job trains on batch_size / W of them."""
     seed: int = 0
     """Seed of every random draw in training (noise, times, data order, coupling samples)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -174,6 +175,10 @@ class TrainConfig:
     """Keep this many most recent checkpoints."""
     eval_at_end: bool = True
     """After the last step, draw samples, save a picture and write the evaluation summary."""
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend of a torchrun / accelerate job: 'auto' is NCCL on GPUs, gloo on CPUs."""
+    dist_timeout_s: float = 600.0
+    """Timeout of every collective: a dead or stuck rank ends the job after this long instead of hanging it."""
 
 
 @dataclass(kw_only=True)
@@ -252,6 +257,7 @@ def validate(cfg: Config) -> Config:
     need(c.train.log_every >= 1, "train.log_every", c.train.log_every, ">= 1")
     need(c.train.ckpt_every >= 1, "train.ckpt_every", c.train.ckpt_every, ">= 1")
     need(c.train.keep_last >= 1, "train.keep_last", c.train.keep_last, ">= 1")
+    need(c.train.dist_timeout_s > 0, "train.dist_timeout_s", c.train.dist_timeout_s, "> 0")
     need(c.optim.lr > 0, "optim.lr", c.optim.lr, "> 0")
     need(c.optim.warmup_steps >= 0, "optim.warmup_steps", c.optim.warmup_steps, ">= 0")
     need(c.optim.grad_clip >= 0, "optim.grad_clip", c.optim.grad_clip, ">= 0")

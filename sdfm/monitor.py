@@ -11,10 +11,18 @@ from typing import Any
 
 import numpy as np
 
+_MAIN_PROCESS = True
+
+
+def set_main_process(main: bool) -> None:
+    """Declare whether this process is rank 0 of its job (the only one that prints)."""
+    global _MAIN_PROCESS
+    _MAIN_PROCESS = main
+
 
 def info(msg: str, enabled: bool = True) -> None:
     """Print one line to stderr on the main process (the one helper for side-effect output)."""
-    if enabled:
+    if enabled and _MAIN_PROCESS:
         print(msg, file=sys.stderr, flush=True)
 
 

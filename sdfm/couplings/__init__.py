@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
+
 from sdfm.config import CouplingConfig, PotentialConfig
 from sdfm.couplings.base import Coupling, Pairs
 from sdfm.couplings.exact import ExactOTCoupling
@@ -37,11 +39,16 @@ def build_coupling(
     dataset: Dataset | None = None,
     potential: PotentialConfig | None = None,
     warn: Callable[[str], None] = print,
+    sharded: bool = False,
+    device: torch.device | None = None,
 ) -> Coupling:
     """The coupling that ``cfg.kind`` names; ``per_class`` keeps pairs within a class.
 
     The semidiscrete coupling matches against the whole ``dataset`` with the ``potential`` settings
     (both required for it); ``warn`` receives its one-line warnings (stale or rejected snapshots).
+    ``sharded``: the Sinkhorn coupling of the global batch of a data-parallel job, solved jointly by
+    the ranks of the default process group (``sdfm.distributed.sinkhorn``). ``device``: where the
+    semidiscrete coupling's matching index lives (default: the dataset's device).
     """
     if cfg.kind == "semidiscrete":
         if dataset is None or potential is None:
@@ -49,14 +56,24 @@ def build_coupling(
         from sdfm.couplings.semidiscrete import SemidiscreteCoupling
 
         return SemidiscreteCoupling(
-            dataset.x, dataset.labels, potential, dataset.fingerprint, per_class=per_class, warn=warn
+            dataset.x,
+            dataset.labels,
+            potential,
+            dataset.fingerprint,
+            per_class=per_class,
+            warn=warn,
+            device=device,
         )
     if cfg.kind == "independent":
         return IndependentCoupling(per_class=per_class)
     if cfg.kind == "exact":
         return ExactOTCoupling(cost=cfg.cost, per_class=per_class)
     if cfg.kind == "sinkhorn":
-        return SinkhornCoupling(
+        if sharded:
+            from sdfm.distributed.sinkhorn import ShardedSinkhornCoupling as cls
+        else:
+            cls = SinkhornCoupling
+        return cls(
             epsilon=cfg.epsilon,
             cost=cfg.cost,
             backend=cfg.backend,

@@ -65,6 +65,7 @@ class SemidiscreteCoupling(Coupling):
         fingerprint: dataset fingerprint every potential must carry.
         per_class: class-conditional matching (pairs never cross classes).
         warn: receives one-line warnings.
+        device: where the matching index lives (default: y's device); pairs come back on x0's.
     """
 
     def __init__(
@@ -75,11 +76,16 @@ class SemidiscreteCoupling(Coupling):
         fingerprint: str,
         per_class: bool = False,
         warn: Callable[[str], None] = print,
+        device: torch.device | None = None,
     ):
         self.y, self.cfg, self.fingerprint, self.per_class, self.warn = y, cfg, fingerprint, per_class, warn
         self.labels = labels
         self.index = MatchIndex(
-            y.flatten(1), backend=cfg.index, labels=labels if per_class else None, pca_dim=cfg.pca_dim
+            y.flatten(1),
+            backend=cfg.index,
+            labels=labels if per_class else None,
+            pca_dim=cfg.pca_dim,
+            device=device,
         )
         self.g = torch.zeros(len(y))
         self.version = 0
@@ -140,8 +146,9 @@ class SemidiscreteCoupling(Coupling):
                 q, self.cfg.epsilon, generator, k=self.cfg.topk, query_labels=query_labels
             )
         self.pairs_since_update += 1
-        out_labels = None if labels is None or self.labels is None else self.labels[index]
-        return Pairs(x0=x0, x1=self.y[index], labels=out_labels, index=index)
+        at = index.to(self.y.device)  # the dataset may stay on the CPU while the index is on the GPU
+        out_labels = None if labels is None or self.labels is None else self.labels[at].to(x0.device)
+        return Pairs(x0=x0, x1=self.y[at].to(x0.device), labels=out_labels, index=index)
 
     def stats(self) -> dict[str, float]:
         return {

@@ -644,6 +644,4 @@ class ShardedSinkhornCoupling(Coupling):
         if set(state) == {"g", "n"}:
             self._n, self._g = int(state["n"]), state["g"].detach().clone()
         else:
-            raise ValueError(
-                f"a Sinkhorn coupling state has keys 'g' and 'n', got {sorted(state)}"
-            )
+            raise ValueError(f"a Sinkhorn coupling state has keys 'g' and 'n', got {sorted(state)}")
