@@ -113,6 +113,26 @@ def test_ddp_matches_single_process(tmp_path, kind, nproc):
     assert_same_weights(final_weights(tmp_path / "ddp"), {k: v for k, v in ref.model.state_dict().items()})
 
 
+def test_accelerate_launch_matches_single_process(tmp_path):
+    """`accelerate launch` (its torchrun launcher, 2 CPU processes) runs the same DDP job."""
+    ref = single_process(tmp_path / "one", "exact", 20)
+    config = Path(__file__).resolve().parents[1] / "launch" / "accelerate" / "cpu-2proc.yaml"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "-m",
+        "sdfm.train",
+    ]
+    cmd += ["--run-dir", str(tmp_path / "acc"), "--resume", *OVERRIDES, "--coupling.kind", "exact"]
+    proc = run([*cmd, "--train.steps", "20"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "over 2 ranks (24 each)" in proc.stderr
+    assert_same_weights(final_weights(tmp_path / "acc"), dict(ref.model.state_dict()))
+
+
 def test_worker_potential_reaches_every_rank(tmp_path):
     """Rank 0 spawns the dual-potential worker and broadcasts each new version: the job finishes on
     a published potential (version > 0) and stops the worker."""
