@@ -5,7 +5,7 @@ Fréchet distance (FD) for images, plus the normalized path energy (NPE).
 Usage:
   sdfm bench quality                                   # 2-D: 8gaussians, moons, moons->8gaussians
   sdfm bench quality --tasks digits,digits-cond --couplings independent,exact,semidiscrete --dopri5
-  sdfm bench quality --tasks fashion-mnist,fashion-mnist-cond --steps 2000 --dopri5
+  sdfm bench quality --tasks fashion-mnist,fashion-mnist-cond --couplings independent,exact,semidiscrete --dopri5
 """
 
 from __future__ import annotations
@@ -49,7 +49,11 @@ def task_config(task: str, coupling: str, steps: int, seed: int, batch_size: int
         cfg.model.kind, cfg.model.hidden = "mlp", 256
         cfg.eval.num_samples = 1000
     elif cfg.data.name == "fashion-mnist":
-        cfg.model.kind, cfg.model.channels = "unet", 16
+        # CPU-sized: a 784-d MLP (a U-Net step costs ~1 s on 2 cores) on a 10,000-image subset, on
+        # which the semidiscrete potential reaches chi2 ~ 0.05 in about a minute (the full 60,000
+        # stay near chi2 ~ 0.7 after 5 minutes). FD is measured against the held-out test set.
+        cfg.model.kind, cfg.model.hidden, cfg.model.depth = "mlp", 512, 3
+        cfg.data.max_points = 10000
         cfg.eval.num_samples = 1000
     return validate(cfg)
 
@@ -108,6 +112,8 @@ def main(argv: list[str]) -> int:
                 row[key] = r.get(metric)
                 if r["solver"] == "dopri5":
                     row["dopri5_nfe"] = r["nfe"]
+            if hasattr(trainer.coupling, "chi2"):  # how well the semidiscrete potential was fitted
+                row["potential_chi2"] = trainer.coupling.chi2
             if "exact_velocity_gap" in res["flow"]:
                 row["velocity_gap"] = res["flow"]["exact_velocity_gap"]
             rows.append(row)
@@ -116,7 +122,7 @@ def main(argv: list[str]) -> int:
     header = (
         ["task", "coupling", "metric"]
         + [f"@{c[3:]}" if c.startswith("nfe") else c for c in cols]
-        + ["NPE", "train s"]
+        + ["NPE", "potential chi2", "train s"]
     )
     print(
         f"\n{a.steps} steps, batch {a.batch_size}, seed {a.seed}; {platform.machine()}, torch {torch.__version__}\n"
@@ -130,7 +136,15 @@ def main(argv: list[str]) -> int:
         print(
             "| "
             + " | ".join(
-                [r["task"], r["coupling"], r["metric"], *vals, f"{r['npe']:.3f}", f"{r['train_s']:.0f}"]
+                [
+                    r["task"],
+                    r["coupling"],
+                    r["metric"],
+                    *vals,
+                    f"{r['npe']:.3f}",
+                    f"{r['potential_chi2']:.3g}" if "potential_chi2" in r else "-",
+                    f"{r['train_s']:.0f}",
+                ]
             )
             + " |"
         )
