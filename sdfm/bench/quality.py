@@ -35,7 +35,9 @@ TASKS = {
 }
 
 
-def task_config(task: str, coupling: str, steps: int, seed: int, batch_size: int) -> Config:
+def task_config(
+    task: str, coupling: str, steps: int, seed: int, batch_size: int, potential_seconds: float = 300.0
+) -> Config:
     """The shared config of one (task, coupling) cell: only coupling.kind differs within a task."""
     cfg = Config()
     cfg.data.name, cfg.data.source, cfg.data.conditional = TASKS[task]
@@ -44,7 +46,7 @@ def task_config(task: str, coupling: str, steps: int, seed: int, batch_size: int
     cfg.train.log_every, cfg.train.ckpt_every = max(1, steps // 4), steps
     cfg.train.eval_at_end = False
     cfg.potential.source = "fit"
-    cfg.potential.max_seconds = 300
+    cfg.potential.max_seconds = potential_seconds
     if cfg.data.name == "digits":  # 64-d vectors: an MLP trains in minutes on a CPU
         cfg.model.kind, cfg.model.hidden = "mlp", 256
         cfg.eval.num_samples = 1000
@@ -69,6 +71,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--couplings", default="independent,exact,sinkhorn")
     p.add_argument("--nfe", default="1,2,4,8")
     p.add_argument("--dopri5", action="store_true", help="also evaluate dopri5")
+    p.add_argument(
+        "--potential-seconds",
+        type=float,
+        default=300.0,
+        help="time budget of each semidiscrete potential fit",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
@@ -78,7 +86,7 @@ def main(argv: list[str]) -> int:
         if task not in TASKS:
             raise SystemExit(f"error: unknown task '{task}'; choose from {', '.join(TASKS)}")
         for coupling in a.couplings.split(","):
-            cfg = task_config(task, coupling, a.steps, a.seed, a.batch_size)
+            cfg = task_config(task, coupling, a.steps, a.seed, a.batch_size, a.potential_seconds)
             run_dir = a.out / f"{task}-{coupling}"
             prepare_run_dir(run_dir, cfg, resume=False, overwrite=True)
             t0 = time.perf_counter()

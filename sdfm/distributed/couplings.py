@@ -28,7 +28,24 @@ def gather_rows(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-class GatheredCoupling(Coupling):
+class _RankCoupling(Coupling):
+    """A rank's view of a single-process coupling ``inner``: diagnostics and state are the inner's."""
+
+    def __init__(self, inner: Coupling):
+        self.inner = inner
+        self.per_class = inner.per_class
+
+    def stats(self) -> dict[str, float]:
+        return self.inner.stats()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.inner.load_state_dict(state)
+
+
+class GatheredCoupling(_RankCoupling):
     """A minibatch coupling solved on the gathered global batch (see the module docstring).
 
     Args:
@@ -38,8 +55,8 @@ class GatheredCoupling(Coupling):
     """
 
     def __init__(self, inner: Coupling, rank: int, device: torch.device):
-        self.inner, self.rank, self.device = inner, rank, device
-        self.per_class = inner.per_class
+        super().__init__(inner)
+        self.rank, self.device = rank, device
 
     def match(self, x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
         raise NotImplementedError("GatheredCoupling pairs the global batch: use pair()")
@@ -58,17 +75,8 @@ class GatheredCoupling(Coupling):
             index=full.index[rows],
         )
 
-    def stats(self) -> dict[str, float]:
-        return self.inner.stats()
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.inner.load_state_dict(state)
-
-
-class SharedPotentialCoupling(Coupling):
+class SharedPotentialCoupling(_RankCoupling):
     """The semidiscrete coupling of one rank, with the potential kept equal on all ranks.
 
     Args:
@@ -77,8 +85,8 @@ class SharedPotentialCoupling(Coupling):
     """
 
     def __init__(self, inner: Coupling, pg: ProcessGroup):
-        self.inner, self.pg = inner, pg
-        self.per_class = inner.per_class
+        super().__init__(inner)
+        self.pg = pg
 
     def __getattr__(self, name: str):
         # watch, set_potential, g, version, ... of the semidiscrete coupling
@@ -104,12 +112,3 @@ class SharedPotentialCoupling(Coupling):
         g, version, chi2, published_at = self.pg.broadcast_object(msg)
         if not self.pg.env.is_main:
             inner.set_potential(g, version, chi2, published_at)
-
-    def stats(self) -> dict[str, float]:
-        return self.inner.stats()
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.inner.load_state_dict(state)

@@ -34,13 +34,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from sdfm.couplings.base import Coupling, Pairs
+from sdfm.couplings.base import Pairs
 from sdfm.couplings.sinkhorn import (
     ANNEAL_FACTOR,
     BACKENDS,
     COSTS,
     Backend,
     Cost,
+    SinkhornCoupling,
     SinkhornResult,
     _reducer,
     _scaled,
@@ -457,7 +458,7 @@ def sharded_sinkhorn(
     )
 
 
-class ShardedSinkhornCoupling(Coupling):
+class ShardedSinkhornCoupling(SinkhornCoupling):
     """``SinkhornCoupling`` of the global batch (all ranks' rows), solved jointly by the ranks.
 
     ``pair`` takes this rank's part of the batch and returns this rank's pairs; with the same seed
@@ -481,38 +482,11 @@ class ShardedSinkhornCoupling(Coupling):
     ``Pairs.index`` holds positions in the global batch (rank order), not in this rank's x1.
     """
 
-    def __init__(
-        self,
-        *,
-        group: dist.ProcessGroup | None = None,
-        epsilon: float = 0.05,
-        cost: Cost = "sqeuclidean",
-        backend: Backend = "torch",
-        max_iter: int = 500,
-        tol: float = 1e-3,
-        check_every: int = 10,
-        warm_start: bool = True,
-        anneal_from: float = 0.0,
-        block_size: int = 4096,
-        per_class: bool = False,
-    ) -> None:
-        if cost not in COSTS:
-            raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    def __init__(self, *, group: dist.ProcessGroup | None = None, **settings) -> None:
+        """``group``: the ranks that share the batch (default: the default group); ``settings``: those of
+        ``SinkhornCoupling``, whose warm-start state {g, n} (n = global rows) this class shares."""
+        super().__init__(**settings)
         self.group = group
-        self.epsilon = epsilon
-        self.cost = cost
-        self.backend = backend
-        self.max_iter = max_iter
-        self.tol = tol
-        self.check_every = check_every
-        self.warm_start = warm_start
-        self.anneal_from = anneal_from
-        self.block_size = block_size
-        self.per_class = per_class
-        self._n: int | None = None  # global rows of the problem the warm-start g belongs to
-        self._g: Tensor | None = None
         self._last: ShardedSinkhornResult | None = None
         self._comm_s = 0.0
         self._total_s = 0.0
@@ -618,30 +592,7 @@ class ShardedSinkhornCoupling(Coupling):
         )
 
     def stats(self) -> dict[str, float]:
-        if self._last is None:
-            return {}
-        last = self._last
-        return {
-            "sinkhorn_iters": float(last.iters),
-            "sinkhorn_err": last.err,
-            "sinkhorn_eps": last.eps,
-            "sinkhorn_comm_ms": 1e3 * self._comm_s,
-            "sinkhorn_total_ms": 1e3 * self._total_s,
-        }
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """The warm-start g (m,) and its global row count; identical on every rank, no collective."""
-        if self._g is None:
-            return {}
-        return {"g": self._g.detach().clone(), "n": torch.tensor(self._n, dtype=torch.long)}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Load a state of this class or of ``SinkhornCoupling`` (the same format: a run resumes on any
-        number of ranks)."""
-        if not state:
-            self._n = self._g = None
-            return
-        if set(state) == {"g", "n"}:
-            self._n, self._g = int(state["n"]), state["g"].detach().clone()
-        else:
-            raise ValueError(f"a Sinkhorn coupling state has keys 'g' and 'n', got {sorted(state)}")
+        stats = super().stats()
+        if stats:
+            stats.update(sinkhorn_comm_ms=1e3 * self._comm_s, sinkhorn_total_ms=1e3 * self._total_s)
+        return stats
