@@ -134,6 +134,10 @@ class PotentialConfig:
     worker_threads: int = 0
     """CPU threads of the worker process (0: torch's default); cap it when the worker shares a CPU
     machine with a trainer, or both spin-wait on the same cores."""
+    shard_index: bool = False
+    """In a data-parallel job, split the matching index over the ranks (each holds N / W points; a
+    query batch is searched by all ranks and the best match wins) instead of one full index per rank.
+    For datasets whose index does not fit one device; needs epsilon = 0 and pca_dim = 0."""
     stale_warning_s: float = 300.0
     """Warn when no new potential version has arrived for this many seconds (source='worker')."""
 
@@ -251,6 +255,11 @@ def validate(cfg: Config) -> Config:
     need(p.topk >= 1, "potential.topk", p.topk, ">= 1")
     need(p.publish_every >= 1, "potential.publish_every", p.publish_every, ">= 1")
     need(p.worker_threads >= 0, "potential.worker_threads", p.worker_threads, ">= 0")
+    if p.shard_index and (p.epsilon > 0 or p.pca_dim > 0):
+        raise UserError(
+            "potential.shard_index = True needs potential.epsilon = 0 and potential.pca_dim = 0; "
+            "turn one of them off"
+        )
     need(p.source != "file" or bool(p.path), "potential.path", p.path, "set when potential.source = 'file'")
     need(c.train.steps >= 1, "train.steps", c.train.steps, ">= 1")
     need(c.train.batch_size >= 2, "train.batch_size", c.train.batch_size, ">= 2")

@@ -123,6 +123,7 @@ class Trainer:
             warn=info,
             sharded=self.world > 1,
             device=self.device,
+            index=self._sharded_index() if cfg.potential.shard_index and self.world > 1 else None,
         )
         if self.world > 1 and cfg.coupling.kind != "sinkhorn":
             self.coupling = self._distributed_coupling(self.coupling)
@@ -140,6 +141,18 @@ class Trainer:
         if self.cfg.coupling.kind == "semidiscrete":
             return SharedPotentialCoupling(coupling, self.pg)
         return GatheredCoupling(coupling, self.rank, self.device)
+
+    def _sharded_index(self):
+        """This rank's shard of the semidiscrete matching index (``potential.shard_index``)."""
+        from sdfm.distributed.couplings import ShardedIndexView, shard_rows
+        from sdfm.distributed.matching import ShardedMatchIndex
+
+        rows = shard_rows(len(self.data), self.rank, self.world)
+        labels = self.data.labels[rows] if self.conditional else None
+        y = self.data.x[rows].flatten(1)
+        return ShardedIndexView(
+            ShardedMatchIndex(y, labels=labels, backend=self.cfg.potential.index, device=self.device)
+        )
 
     def generator(self, step: int) -> torch.Generator:
         """The coupling's generator at ``step``: shared by all ranks for couplings of the global batch,

@@ -34,6 +34,8 @@ def test_unknown_key_names_the_key(tmp_path):
         ("[eval]\nnfe = [1, 0]\n", "eval.nfe"),
         ("[data]\nname = 'file'\n", "data.path"),
         ("[model]\nema_decay = 1.5\n", "model.ema_decay"),
+        ("[train]\ndist_timeout_s = 0.0\n", "train.dist_timeout_s"),
+        ("[potential]\nshard_index = true\nepsilon = 0.1\n", "potential.shard_index"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, text, key):

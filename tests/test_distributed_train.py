@@ -77,11 +77,12 @@ def run(cmd: list[str], timeout: int = JOB_TIMEOUT) -> subprocess.CompletedProce
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def single_process(run_dir: Path, kind: str, steps: int) -> Trainer:
+def single_process(run_dir: Path, kind: str, steps: int, extra: tuple[str, ...] = ()) -> Trainer:
     """The reference: the same job in this process (one rank)."""
     from sdfm.cli import _config_from
 
-    cfg: Config = _config_from(None, [*OVERRIDES, "--coupling.kind", kind, "--train.steps", str(steps)], "t")
+    args = [*OVERRIDES, "--coupling.kind", kind, "--train.steps", str(steps), *extra]
+    cfg: Config = _config_from(None, args, "t")
     prepare_run_dir(run_dir, cfg, resume=False, overwrite=False)
     trainer = Trainer(cfg, run_dir)
     trainer.start_potential(resumed=False)
@@ -111,6 +112,20 @@ def test_ddp_matches_single_process(tmp_path, kind, nproc):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"over {nproc} ranks ({48 // nproc} each)" in proc.stderr
     assert_same_weights(final_weights(tmp_path / "ddp"), {k: v for k, v in ref.model.state_dict().items()})
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_sharded_matching_index_matches_single_process(tmp_path, conditional):
+    """potential.shard_index: each of 3 ranks holds a third of the index; same weights as one process."""
+    extra = ["--potential.shard_index", "True"]
+    if conditional:
+        extra += ["--data.name", "digits", "--data.conditional", "True", "--data.num_eval", "300"]
+    ref = single_process(tmp_path / "one", "semidiscrete", 20, extra)
+    proc = run(
+        torchrun(3, tmp_path / "ddp", "--coupling.kind", "semidiscrete", "--train.steps", "20", *extra)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_weights(final_weights(tmp_path / "ddp"), dict(ref.model.state_dict()))
 
 
 def test_accelerate_launch_matches_single_process(tmp_path):

@@ -41,6 +41,7 @@ def build_coupling(
     warn: Callable[[str], None] = print,
     sharded: bool = False,
     device: torch.device | None = None,
+    index=None,
 ) -> Coupling:
     """The coupling that ``cfg.kind`` names; ``per_class`` keeps pairs within a class.
 
@@ -48,7 +49,8 @@ def build_coupling(
     (both required for it); ``warn`` receives its one-line warnings (stale or rejected snapshots).
     ``sharded``: the Sinkhorn coupling of the global batch of a data-parallel job, solved jointly by
     the ranks of the default process group (``sdfm.distributed.sinkhorn``). ``device``: where the
-    semidiscrete coupling's matching index lives (default: the dataset's device).
+    semidiscrete coupling's matching index lives (default: the dataset's device); ``index``: a
+    prebuilt matching index for it (the sharded one of a data-parallel job).
     """
     if cfg.kind == "semidiscrete":
         if dataset is None or potential is None:
@@ -63,6 +65,7 @@ def build_coupling(
             per_class=per_class,
             warn=warn,
             device=device,
+            index=index,
         )
     if cfg.kind == "independent":
         return IndependentCoupling(per_class=per_class)

@@ -66,6 +66,8 @@ class SemidiscreteCoupling(Coupling):
         per_class: class-conditional matching (pairs never cross classes).
         warn: receives one-line warnings.
         device: where the matching index lives (default: y's device); pairs come back on x0's.
+        index: a prebuilt index with ``search`` and ``set_potential`` over the same points (e.g. a
+            sharded one, ``sdfm.distributed.couplings.ShardedIndexView``); default: a ``MatchIndex``.
     """
 
     def __init__(
@@ -77,15 +79,20 @@ class SemidiscreteCoupling(Coupling):
         per_class: bool = False,
         warn: Callable[[str], None] = print,
         device: torch.device | None = None,
+        index=None,
     ):
         self.y, self.cfg, self.fingerprint, self.per_class, self.warn = y, cfg, fingerprint, per_class, warn
         self.labels = labels
-        self.index = MatchIndex(
-            y.flatten(1),
-            backend=cfg.index,
-            labels=labels if per_class else None,
-            pca_dim=cfg.pca_dim,
-            device=device,
+        self.index = (
+            index
+            if index is not None
+            else MatchIndex(
+                y.flatten(1),
+                backend=cfg.index,
+                labels=labels if per_class else None,
+                pca_dim=cfg.pca_dim,
+                device=device,
+            )
         )
         self.g = torch.zeros(len(y))
         self.version = 0

@@ -28,6 +28,30 @@ def gather_rows(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+class ShardedIndexView:
+    """The part of ``MatchIndex`` that ``SemidiscreteCoupling`` uses (``search``, ``set_potential``),
+    over a ``ShardedMatchIndex``: each rank holds a contiguous N / W of the points, and every search
+    is a collective of all ranks."""
+
+    def __init__(self, sharded):
+        self.sharded = sharded
+
+    def search(self, x: Tensor, query_labels: Tensor | None = None) -> Tensor:
+        """(B,) global ids of the matches of this rank's queries x (B, d)."""
+        return self.sharded.search(x, query_labels).index
+
+    def set_potential(self, g: Tensor) -> None:
+        """g: (N,) the full potential (each rank keeps its shard's part)."""
+        self.sharded.set_potential(g)
+
+
+def shard_rows(n: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous share of n rows (the first n % world ranks get one more)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
 class _RankCoupling(Coupling):
     """A rank's view of a single-process coupling ``inner``: diagnostics and state are the inner's."""
 
