@@ -67,13 +67,13 @@ def lr_lambda(cfg: Config):
 
 
 class Trainer:
-    """Owns the model, EMA, optimizer, coupling, data stream and generator of one run.
+    """Owns the model, EMA, optimizer, coupling and data stream of one run (or of one rank of it).
 
     Args:
         cfg: validated configuration.
         run_dir: the run folder (created by ``prepare_run_dir``).
         dataset: the loaded dataset (loaded from ``cfg.data`` when None).
-        pg: the job's process groups (``ProcessGroup.join``); None for a single process.
+        pg: the job's process group (``sdfm.distributed.env.ProcessGroup``); None for a single process.
     """
 
     def __init__(
