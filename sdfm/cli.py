@@ -18,7 +18,7 @@ COMMANDS = {
     "train": "train a flow-matching model (sdfm train --config FILE [--run-dir DIR] [--resume] [--section.field VALUE ...])",
     "sample": "draw samples from a trained run into a .npy or .png file",
     "eval": "evaluate a trained run (W2, MMD, NPE, straightness, classifier FD) and write RUN/eval/",
-    "bench": "benchmarks: `sdfm bench sinkhorn` (speed beside POT, GeomLoss), `sdfm bench quality` (W2/NPE per coupling)",
+    "bench": "benchmarks: `sdfm bench suite` (named workloads beside every peer, with the goals), `sdfm bench sinkhorn`, `match`, `potential`, `quality`",
     "train-classifier": "train and cache the feature classifier used for Fréchet distances (digits, fashion-mnist)",
     "fit-potential": "fit the semidiscrete dual potential g of a dataset and save it (sdfm fit-potential --config FILE --out FILE)",
     "worker": "run the dual-potential worker of a run: keeps refitting g and publishes snapshots (sdfm worker --run-dir DIR)",
@@ -227,6 +227,7 @@ def cmd_bench(argv: list[str]) -> None:
         "quality": "sdfm.bench.quality",
         "potential": "sdfm.bench.potential",
         "match": "sdfm.bench.match",
+        "suite": "sdfm.bench.suite",
     }
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: sdfm bench WORKLOAD [options]\n\nworkloads:\n" + "\n".join(f"  {k}" for k in workloads))

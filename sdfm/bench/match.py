@@ -7,20 +7,31 @@ x ~ N(0, I) (B, d). Methods, all exact (flat) searches:
 - ``sdfm-torch``: ``MatchIndex(backend='torch')``: chunked matmul + fp32 bias + running argmax
   (bf16 products on CUDA, fp32 on CPU).
 - ``sdfm-faiss``: ``MatchIndex(backend='faiss')``: ``IndexFlatIP`` over [y ; g], queries [x ; 1].
-- ``faiss-flat``: a plain ``IndexFlatIP`` over y, no bias (what the bias costs).
+- ``sdfm-triton``: ``MatchIndex(backend='triton')``: the fused kernel ``sdfm.kernels.argmax`` (CUDA;
+  skipped elsewhere with the reason, since Triton's CPU interpreter is far too slow to time).
+- ``faiss-flat``: a plain ``IndexFlatIP`` over y, fp32, no bias (what the bias costs): a
+  ``GpuIndexFlatIP`` on CUDA when faiss has GPU support, else the CPU index (the ``where`` column).
+- ``faiss-fp16``: FAISS's fp16 flat search, no bias: on the GPU ``GpuIndexFlatIP`` with
+  ``GpuIndexFlatConfig.useFloat16``; on the CPU, where ``IndexFlatIP`` has no fp16 storage,
+  ``IndexScalarQuantizer(d, ScalarQuantizer.QT_fp16, METRIC_INNER_PRODUCT)`` (vectors stored as
+  fp16 and decoded during a scan; an exact search of the fp16-rounded vectors, not a GEMM).
 - ``torch-matmul``: ``(x @ y.T).argmax(1)`` in one piece, no bias (a (B, N) score matrix).
 
 Columns: ms per batch and queries/s (median of up to ``--repeats`` calls after one warm-up call,
-fewer when they would exceed ``--budget`` seconds), and the agreement of each method's answer with
-sdfm-torch's (the bias-free methods answer a different question, so theirs is not compared).
-``refresh ms`` is the cost of applying a new g: ``set_potential`` for the sdfm backends (a copy
-into the bias vector; a strided in-place write into the FAISS index's stored vectors), and for
-``faiss-flat`` the rebuild (reset + add of [y ; g]) that an index without an editable bias would
-need.
+fewer when they would exceed ``--budget`` seconds; a warm-up call longer than half the budget is the
+only measurement), the CPU/wall ratio of the timed calls (busy cores: ~1.0 under ``--threads 1``),
+``f64`` = the fraction of the first ``--f64-check`` queries whose answer equals a float64 brute force
+(with the bias g for the sdfm methods, without it for the bias-free ones), and the agreement of each
+sdfm method's answer with sdfm-torch's. ``refresh ms`` is the cost of applying a new g:
+``set_potential`` for the sdfm backends (a copy into the bias vector; a strided in-place write into
+the FAISS index's stored vectors), and for ``faiss-flat`` / ``faiss-fp16`` the rebuild (reset + add of
+[y ; g]) that an index without an editable bias would need.
 
 A combination is skipped, with the reason printed, when its memory estimate (points, index copy,
-score matrix) exceeds ``--mem-gb`` or one call is predicted (from a calibration matmul) to take longer
-than ``--budget`` seconds.
+score matrix) exceeds ``--mem-gb``, or one call is predicted to take longer than ``--budget`` seconds
+(from a calibration matmul; for the CPU fp16 scan, which is not a GEMM, from a 64-query probe).
+
+``--threads`` pins torch's and FAISS's thread pools (FAISS has its own OpenMP runtime).
 
 Run: ``sdfm bench match`` (N = 60,000, a few minutes on 2 cores); the full grid is
 ``sdfm bench match --N 60000,1000000 --d 64,784 --B 256,4096`` (on a CPU, N = 10^6 at d = 784 with
@@ -36,12 +47,15 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from sdfm.bench.common import int_list, machine_info, name_list, write_json
+from sdfm import kernels
+from sdfm.bench.common import int_list, machine_info, name_list, set_threads, sync, timed, write_json
 from sdfm.errors import UserError
 from sdfm.semidiscrete import MatchIndex
 
-METHODS = ("sdfm-torch", "sdfm-faiss", "faiss-flat", "torch-matmul")
+METHODS = ("sdfm-torch", "sdfm-faiss", "sdfm-triton", "faiss-flat", "faiss-fp16", "torch-matmul")
+PEERS = ("faiss-flat", "faiss-fp16", "torch-matmul")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,24 +72,29 @@ def _parser() -> argparse.ArgumentParser:
         "--mem-gb", type=float, default=8.0, help="skip combinations estimated to need more memory"
     )
     p.add_argument("--chunk-size", type=int, default=8192, help="MatchIndex(torch) rows per chunk")
+    p.add_argument(
+        "--f64-check", type=int, default=256, help="queries checked against a float64 brute force (0: none)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch and FAISS CPU threads (0: their default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     p.add_argument("--json", type=Path, default=None, help="write all rows to this JSON file")
     return p
 
 
-def _machine(device: torch.device) -> dict[str, str | int]:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The benchmark's options (see ``sdfm bench match --help``), checked."""
+    args = _parser().parse_args(argv)
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        raise UserError(f"unknown --methods {bad}; choose from {', '.join(METHODS)}")
+    return args
+
+
+def _faiss_gpu() -> bool:
     import faiss
 
-    info = machine_info()
-    info.update(faiss_threads=faiss.omp_get_max_threads(), faiss=faiss.__version__, device=str(device))
-    return info
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def _calibrate(device: torch.device) -> float:
@@ -83,39 +102,50 @@ def _calibrate(device: torch.device) -> float:
     a = torch.randn(1024, 512, device=device)
     b = torch.randn(512, 4096, device=device)
     a @ b
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(3):
         a @ b
-    _sync(device)
+    sync(device)
     return 3 * 2 * 1024 * 512 * 4096 / (time.perf_counter() - start)
 
 
+def _faiss_index(kind: str, d: int, gpu: bool):
+    """An empty FAISS flat inner-product index, fp32 ('flat') or fp16 ('fp16'), on the GPU or the CPU."""
+    import faiss
+
+    if gpu:
+        config = faiss.GpuIndexFlatConfig()
+        config.useFloat16 = kind == "fp16"
+        return faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), d, config)
+    if kind == "fp16":
+        return faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    return faiss.IndexFlatIP(d)
+
+
 class _Plain:
-    """The bias-free references: a plain FAISS flat index and a one-piece torch matmul."""
+    """The bias-free references: plain FAISS flat indexes (fp32, fp16) and a one-piece torch matmul."""
 
-    def __init__(self, method: str, y: torch.Tensor):
+    def __init__(self, method: str, y: Tensor):
         self.method, self.y = method, y
-        if method == "faiss-flat":
-            import faiss
-
-            self.index = faiss.IndexFlatIP(y.shape[1])
+        self.gpu = method.startswith("faiss") and y.device.type == "cuda" and _faiss_gpu()
+        self.where = "gpu" if (self.gpu or method == "torch-matmul") and y.device.type == "cuda" else "cpu"
+        if method.startswith("faiss"):
+            self.index = _faiss_index(method.split("-")[1], y.shape[1], self.gpu)
             self.index.add(y.cpu().numpy())
 
-    def search(self, x: torch.Tensor) -> torch.Tensor:
-        if self.method == "faiss-flat":
+    def search(self, x: Tensor) -> Tensor:
+        if self.method.startswith("faiss"):
             return torch.from_numpy(self.index.search(x.cpu().numpy(), 1)[1][:, 0])
         return (x @ self.y.T).argmax(1)
 
-    def refresh(self, g: torch.Tensor) -> float:
+    def refresh(self, g: Tensor) -> float:
         """Seconds of the rebuild an index without an editable bias needs for a new g."""
-        if self.method != "faiss-flat":
+        if not self.method.startswith("faiss"):
             return float("nan")
-        import faiss
-
         start = time.perf_counter()
         augmented = torch.cat([self.y, g[:, None]], 1).cpu().numpy()
-        index = faiss.IndexFlatIP(augmented.shape[1])
+        index = _faiss_index(self.method.split("-")[1], augmented.shape[1], self.gpu)
         index.add(augmented)
         seconds = time.perf_counter() - start
         del index, augmented
@@ -127,42 +157,76 @@ def _memory_gb(method: str, n: int, d: int, b: int, chunk: int) -> float:
     extra = {
         "sdfm-torch": 4 * b * chunk * 2,
         "sdfm-faiss": 8 * n * (d + 1),  # host array [y ; g] and the index's own copy while adding
+        "sdfm-triton": 4 * n * d,  # keys in the compute dtype
         "faiss-flat": 4 * n * d + 4 * n * (d + 1),  # the index, and the rebuild of [y ; g]
+        "faiss-fp16": 2 * n * d + 4 * n * (d + 1) + 2 * n * (d + 1),  # codes, the rebuild's input and codes
         "torch-matmul": 4 * b * n,
     }[method]
     return (4 * n * d + extra) / 2**30
 
 
-def _time_calls(fn, device: torch.device, repeats: int, budget: float) -> list[float]:
-    fn()  # warm-up (first-call allocation, thread pools)
-    _sync(device)
-    times: list[float] = []
+def unavailable(method: str, device: torch.device) -> str | None:
+    """Why ``method`` cannot run here (one line), or None."""
+    if method == "sdfm-triton":
+        return kernels.triton_problem(device)
+    if "faiss" in method:
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            return "not installed (pip install faiss-cpu, or a faiss GPU build)"
+    return None
+
+
+def _time_calls(fn, device: torch.device, repeats: int, budget: float) -> tuple[list[float], float, Tensor]:
+    """Wall seconds of up to ``repeats`` calls after a warm-up (first-call allocation, thread pools),
+    the median CPU/wall ratio, and the last call's answer. A warm-up longer than half the budget is
+    the only measurement."""
+    warm, warm_util, out = timed(fn, device)
+    if warm > budget / 2:
+        return [warm], warm_util, out
+    times, utils = [], []
     while len(times) < repeats and (not times or sum(times) + times[-1] <= budget):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
+        seconds, util, out = timed(fn, device)
+        times.append(seconds)
+        utils.append(util)
+    return times, statistics.median(utils), out
 
 
-def main(argv: list[str]) -> int:
-    """Run the benchmark, print a table, optionally write JSON; returns the exit code."""
-    args = _parser().parse_args(argv)
-    bad = [m for m in args.methods if m not in METHODS]
-    if bad:
-        raise UserError(f"unknown --methods {bad}; choose from {', '.join(METHODS)}")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+def f64_argmax(x: Tensor, y: Tensor, g: Tensor | None, chunk: int = 1 << 16) -> Tensor:
+    """argmax_j <x_i, y_j> (+ g_j) in float64 on x's device, in chunks of y (for large N on a GPU)."""
+    x64 = x.double()
+    best = torch.full((x.shape[0],), -torch.inf, dtype=torch.float64, device=x.device)
+    arg = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    for start in range(0, y.shape[0], chunk):
+        scores = x64 @ y[start : start + chunk].double().T
+        if g is not None:
+            scores += g[start : start + chunk].double()
+        value, pos = scores.max(1)
+        better = value > best
+        best = torch.where(better, value, best)
+        arg = torch.where(better, pos + start, arg)
+    return arg.cpu()
+
+
+def _predicted_seconds(method: str, search, x: Tensor, n: int, d: int, flops: float) -> float:
+    """One call's predicted time: from the calibration matmul, or for the CPU fp16 scan (no GEMM) from
+    a probe of 64 queries, scaled by the batch size."""
+    if method == "faiss-fp16" and x.device.type != "cuda":
+        k = min(64, x.shape[0])
+        return timed(lambda: search(x[:k]))[0] * x.shape[0] / k
+    return 2 * x.shape[0] * n * d / flops
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Run the grid of ``args`` (from ``parse_args``), printing one line per row; returns the rows."""
     device = torch.device(args.device)
-    machine = _machine(device)
     flops = _calibrate(device)
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
     print(
         f"calibration: {flops / 1e9:.0f} GFLOP/s fp32 matmul; budget {args.budget:g} s, mem {args.mem_gb:g} GB"
     )
     header = (
-        f"{'N':>8} {'d':>4} {'B':>5}  {'method':<13} {'ms/batch':>9} {'queries/s':>10} "
-        f"{'refresh ms':>10} {'agree':>6}"
+        f"{'N':>8} {'d':>4} {'B':>5}  {'method':<13} {'where':>5} {'ms/batch':>9} {'queries/s':>10} "
+        f"{'refresh ms':>10} {'cpu':>4} {'f64':>6} {'agree':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -173,59 +237,114 @@ def main(argv: list[str]) -> int:
             y = torch.randn(n, d, generator=gen).to(device)
             g = torch.randn(n, generator=gen).to(device)
             queries = {b: torch.randn(b, d, generator=gen).to(device) for b in args.B}
-            answers: dict[int, torch.Tensor] = {}
+            answers: dict[int, Tensor] = {}
+            references: dict[tuple[int, bool], Tensor] = {}
             for method in args.methods:
-                fits = [b for b in args.B if _memory_gb(method, n, d, b, args.chunk_size) <= args.mem_gb]
-                for b in sorted(set(args.B) - set(fits)):
-                    need = _memory_gb(method, n, d, b, args.chunk_size)
-                    reason = f"needs ~{need:.1f} GB > --mem-gb {args.mem_gb:g}"
-                    print(f"{n:>8} {d:>4} {b:>5}  {method:<13} skipped: {reason}")
-                    rows.append({"N": n, "d": d, "B": b, "method": method, "skipped": reason})
+                cells = [{"N": n, "d": d, "B": b, "method": method} for b in args.B]
+                reason = unavailable(method, device)
+                if reason is not None:
+                    rows += [_skip(row, reason) for row in cells]
+                    continue
+                fits = []
+                for row in cells:
+                    need = _memory_gb(method, n, d, row["B"], args.chunk_size)
+                    if need > args.mem_gb:
+                        rows.append(_skip(row, f"needs ~{need:.1f} GB > --mem-gb {args.mem_gb:g}"))
+                    else:
+                        fits.append(row)
                 if not fits:
                     continue
-                start = time.perf_counter()
-                if method.startswith("sdfm"):
-                    index = MatchIndex(y, backend=method.split("-")[1], chunk_size=args.chunk_size)
-                    index.set_potential(g)
-                    refresh = statistics.median(
-                        [(index.set_potential(g + i), index.last_refresh_seconds)[1] for i in range(3)]
-                    )
-                    index.set_potential(g)
-                    search = index.search
-                else:
-                    index = _Plain(method, y)
-                    refresh = index.refresh(g)
-                    search = index.search
-                build = time.perf_counter() - start
-                for b in fits:
-                    row = {"N": n, "d": d, "B": b, "method": method, "build_s": build, "refresh_s": refresh}
-                    predicted = 2 * b * n * d / flops
-                    if predicted > args.budget:
-                        row["skipped"] = f"predicted {predicted:.0f} s per call > --budget {args.budget:g} s"
-                        print(f"{n:>8} {d:>4} {b:>5}  {method:<13} skipped: {row['skipped']}")
-                        rows.append(row)
-                        continue
-                    x = queries[b]
-                    times = _time_calls(
-                        lambda x=x, search=search: search(x), device, args.repeats, args.budget
-                    )
-                    seconds = statistics.median(times)
-                    found = search(x).cpu()
-                    agree = ""
-                    if method.startswith("sdfm"):
-                        answers.setdefault(b, found)
-                        row["agree_with_sdfm_torch"] = float((found == answers[b]).double().mean())
-                        agree = f"{row['agree_with_sdfm_torch']:.4f}"
-                    row |= {"seconds": seconds, "times_s": times, "queries_per_s": b / seconds}
-                    print(
-                        f"{n:>8} {d:>4} {b:>5}  {method:<13} {1e3 * seconds:>9.1f} {b / seconds:>10.0f} "
-                        f"{1e3 * refresh:>10.2f} {agree:>6}"
-                    )
-                    rows.append(row)
-                del index
+                try:
+                    _method_rows(method, fits, y, g, queries, answers, references, flops, args)
+                except (RuntimeError, MemoryError) as error:  # a GPU index out of memory, say
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    reason = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+                    for row in fits:
+                        if "seconds" not in row and "skipped" not in row:
+                            _skip(row, reason)
+                rows += fits
                 gc.collect()
             del y, g, queries
             gc.collect()
+    return rows
+
+
+def _skip(row: dict, reason: str) -> dict:
+    print(f"{row['N']:>8} {row['d']:>4} {row['B']:>5}  {row['method']:<13} skipped: {reason}")
+    row["skipped"] = reason
+    return row
+
+
+def _method_rows(
+    method: str,
+    fits: list[dict],
+    y: Tensor,
+    g: Tensor,
+    queries: dict[int, Tensor],
+    answers: dict[int, Tensor],
+    references: dict[tuple[int, bool], Tensor],
+    flops: float,
+    args: argparse.Namespace,
+) -> list[dict]:
+    """Build ``method``'s index over (y, g), then time it on the batch size of each row of ``fits``
+    (filled in, printed and returned). ``answers`` and ``references`` cache sdfm-torch's answers and
+    the float64 brute force across methods."""
+    device, (n, d) = y.device, y.shape
+    start = time.perf_counter()
+    if method.startswith("sdfm"):
+        index = MatchIndex(y, backend=method.split("-")[1], chunk_size=args.chunk_size)
+        index.set_potential(g)
+        refresh = statistics.median(
+            [(index.set_potential(g + i), index.last_refresh_seconds)[1] for i in range(3)]
+        )
+        index.set_potential(g)
+        search, where = index.search, device.type
+    else:
+        index = _Plain(method, y)
+        refresh = index.refresh(g)
+        search, where = index.search, index.where
+    build = time.perf_counter() - start
+    for row in fits:
+        b = row["B"]
+        row |= {"where": where, "build_s": build, "refresh_s": refresh}
+        x = queries[b]
+        predicted = _predicted_seconds(method, search, x, n, d, flops)
+        if predicted > args.budget:
+            _skip(row, f"predicted {predicted:.0f} s per call > --budget {args.budget:g} s")
+            continue
+        times, util, found = _time_calls(lambda x=x: search(x), device, args.repeats, args.budget)
+        seconds = statistics.median(times)
+        found = found.cpu()
+        row |= {"seconds": seconds, "times_s": times, "queries_per_s": b / seconds, "cpu_util": util}
+        f64 = ""
+        k = min(args.f64_check, b)
+        if k > 0:
+            biased = method.startswith("sdfm")
+            if (b, biased) not in references:
+                references[(b, biased)] = f64_argmax(x[:k], y, g if biased else None)
+            row["f64_agree"] = float((found[:k] == references[(b, biased)]).double().mean())
+            row["f64_check_queries"] = k
+            f64 = f"{row['f64_agree']:.4f}"
+        agree = ""
+        if method.startswith("sdfm"):
+            answers.setdefault(b, found)
+            row["agree_with_sdfm_torch"] = float((found == answers[b]).double().mean())
+            agree = f"{row['agree_with_sdfm_torch']:.4f}"
+        print(
+            f"{n:>8} {d:>4} {b:>5}  {method:<13} {where:>5} {1e3 * seconds:>9.1f} "
+            f"{b / seconds:>10.0f} {1e3 * refresh:>10.2f} {util:>4.1f} {f64:>6} {agree:>6}"
+        )
+    return fits
+
+
+def main(argv: list[str]) -> int:
+    """Run the benchmark, print a table, optionally write JSON; returns the exit code."""
+    args = parse_args(argv)
+    set_threads(args.threads)
+    machine = machine_info() | {"device": args.device}
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
+    rows = run(args)
     if args.json is not None:
         write_json(args.json, machine, args, rows=rows)
     return 0
