@@ -164,10 +164,12 @@ class _TorchBlock:
     def set_bias(self, g: Tensor) -> None:
         self.bias.copy_(g)
 
-    def _scores(self, q: Tensor, start: int, stop: int) -> Tensor:
+    def _scores(self, q: Tensor, start: int, stop: int, out: Tensor | None = None) -> Tensor:
         if self.keys.dtype == torch.float32:
-            # One fused pass (BLAS adds the broadcast bias as its C operand) instead of two.
-            return torch.addmm(self.bias[None, start:stop], q, self.keys[start:stop].T)
+            # One fused pass (BLAS adds the broadcast bias as its C operand) instead of two; into a
+            # reused buffer, which on a CPU is about 2x faster than a fresh block per chunk.
+            bias, keys = self.bias[None, start:stop], self.keys[start:stop].T
+            return torch.addmm(bias, q, keys) if out is None else torch.addmm(bias, q, keys, out=out)
         # The product runs in the compute dtype (bf16 on CUDA); adding g in fp32 afterwards keeps
         # potentials that differ by less than bf16's resolution of the scores apart.
         return (q @ self.keys[start:stop].T).float() + self.bias[start:stop]
@@ -177,12 +179,27 @@ class _TorchBlock:
         best = torch.full((q.shape[0],), -torch.inf, device=q.device)
         arg = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         chunk = self._chunk(q.shape[0])
+        buffer = None
+        if self.keys.dtype == torch.float32 and n > chunk:
+            buffer = torch.empty(q.shape[0], chunk, device=q.device)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
-            value, pos = self._scores(q, start, stop).max(1)
-            better = value > best  # strict: ties keep the lower id, as argmax does
-            best = torch.where(better, value, best)
-            arg = torch.where(better, pos + start, arg)
+            full = buffer is not None and stop - start == chunk
+            scores = self._scores(q, start, stop, buffer if full else None)
+            if q.device.type == "cuda":  # no host sync per chunk: one fused max with indices
+                value, pos = scores.max(1)
+                better = value > best  # strict: ties keep the lower id, as argmax does
+                best = torch.where(better, value, best)
+                arg = torch.where(better, pos + start, arg)
+                continue
+            # On a CPU the row maxima alone are ~10x cheaper than max with indices: take indices
+            # only for the rows this chunk improves.
+            value = scores.amax(1)
+            better = value > best
+            if bool(better.any()):
+                rows = better.nonzero().squeeze(1)
+                best[rows] = value[rows]
+                arg[rows] = scores[rows].argmax(1) + start
         return arg
 
     def topk(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
