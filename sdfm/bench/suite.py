@@ -1,6 +1,6 @@
 """Benchmark suite: named workloads that put sdfm's Sinkhorn and matching beside their peers, with
 achieved TFLOP/s, the share of the hardware peak, the error against float64, the ratio to every peer,
-and the project's performance goals (issue 5).
+and the project's performance goals.
 
 Workloads (``--workload``):
 
@@ -26,7 +26,7 @@ which print their own rows as they go) and adds to every row:
   force on the first ``--f64-check`` queries of each batch.
 - the ratio to each peer: peer time / sdfm time (above 1: sdfm is faster).
 
-Then it prints the goals of issue 5, each "met", "not met", or "pending (no GPU)" with the measured
+Then it prints the performance goals, each "met", "not met", or "pending (no GPU)" with the measured
 ratio, and writes everything to JSON (``--json``, default ``runs/bench/suite-WORKLOAD.json``).
 
 Run: ``sdfm bench suite --workload cpu --threads 1`` (or ``--workload gpu`` on an H100).
@@ -259,7 +259,7 @@ def _peer(rows: list[dict], prefix: str, key: str, **where) -> dict | None:
 
 
 def goals(workload: str, device: torch.device, sk: list[dict], mt: list[dict], train: dict) -> list[dict]:
-    """The goals of issue 5, each with status 'met', 'not met' or 'pending (...)' and the measurement."""
+    """The performance goals, each with status 'met', 'not met' or 'pending (...)' and the measurement."""
     on_gpu = workload == "gpu" and device.type == "cuda"
     out: list[dict] = []
 
@@ -391,7 +391,7 @@ def _print_tables(
         f"batch {train['batch']} on {train['device']}: step {1e3 * train['step_s']:.0f} ms, matching against "
         f"N={train['n']:,} {1e3 * train['match_s']:.0f} ms -> {100 * train['match_share']:.1f}% of step + matching"
     )
-    print("\n== Goals (issue 5)")
+    print("\n== Goals")
     width = max(len(g["goal"]) for g in goal_rows)
     for g in goal_rows:
         print(f"{g['goal']:<{width}}  {g['status']:<16}  {g['measured']}")
