@@ -505,23 +505,24 @@ class SinkhornCoupling(Coupling):
         self._g: Tensor | None = None
         self._last: SinkhornResult | None = None
 
-    def match(self, x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
-        """Return (B,) int64 partners in x1 (B, D) for the rows of x0 (B, D)."""
-        warm = self.warm_start and self._g is not None and self._n == x0.shape[0]
-        warm = warm and self._g.shape[0] == x1.shape[0]
-        result = sinkhorn(
-            x0,
-            x1,
+    def solver_options(self) -> dict:
+        """This coupling's settings of the Sinkhorn solve (``sinkhorn`` or ``sharded_sinkhorn``)."""
+        return dict(
             epsilon=self.epsilon,
             cost=self.cost,
             backend=self.backend,
             max_iter=self.max_iter,
             tol=self.tol,
             check_every=self.check_every,
-            g_init=self._g.to(x0.device) if warm else None,
             anneal_from=self.anneal_from,
             block_size=self.block_size,
         )
+
+    def match(self, x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
+        """Return (B,) int64 partners in x1 (B, D) for the rows of x0 (B, D)."""
+        warm = self.warm_start and self._g is not None and self._n == x0.shape[0]
+        warm = warm and self._g.shape[0] == x1.shape[0]
+        result = sinkhorn(x0, x1, g_init=self._g.to(x0.device) if warm else None, **self.solver_options())
         self._last = result
         if self.warm_start:
             self._n, self._g = x0.shape[0], result.g

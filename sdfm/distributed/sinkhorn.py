@@ -513,20 +513,8 @@ class ShardedSinkhornCoupling(SinkhornCoupling):
         """Solve for this rank's rows x (n_r, d) of a problem with n rows in all against y (m, d),
         warm-started as ``SinkhornCoupling.match`` would, and draw the partners of x's rows."""
         warm = self.warm_start and self._g is not None and self._n == n and self._g.shape[0] == y.shape[0]
-        result = sharded_sinkhorn(
-            x,
-            y,
-            group=self.group,
-            epsilon=self.epsilon,
-            cost=self.cost,
-            backend=self.backend,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            check_every=self.check_every,
-            g_init=self._g.to(y.device) if warm else None,
-            anneal_from=self.anneal_from,
-            block_size=self.block_size,
-        )
+        g_init = self._g.to(y.device) if warm else None
+        result = sharded_sinkhorn(x, y, group=self.group, g_init=g_init, **self.solver_options())
         self._last = result
         if self.warm_start:
             self._n, self._g = result.n, result.g
