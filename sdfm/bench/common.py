@@ -90,3 +90,14 @@ def write_json(path: Path, machine: dict, args: argparse.Namespace, **results: A
     settings = vars(args) | {"json": str(path)}
     path.write_text(json.dumps({"machine": machine, "args": settings, **results}, indent=1, default=str))
     print(f"wrote {path}")
+
+
+def triton_skip(device: torch.device | str) -> str | None:
+    """Why the Triton rows cannot be timed on ``device`` (None on CUDA when Triton works). Off CUDA
+    they are always skipped: Triton's CPU interpreter (TRITON_INTERPRET=1, set by the kernel tests)
+    runs the kernels for correctness, far too slowly to time."""
+    from sdfm import kernels
+
+    if torch.device(device).type != "cuda":
+        return "needs CUDA (Triton's CPU interpreter is for tests, not timing)"
+    return kernels.triton_problem(device)

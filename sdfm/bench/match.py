@@ -49,8 +49,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdfm import kernels
-from sdfm.bench.common import int_list, machine_info, name_list, set_threads, sync, timed, write_json
+from sdfm.bench.common import (
+    int_list,
+    machine_info,
+    name_list,
+    set_threads,
+    sync,
+    timed,
+    triton_skip,
+    write_json,
+)
 from sdfm.errors import UserError
 from sdfm.semidiscrete import MatchIndex
 
@@ -168,7 +176,7 @@ def _memory_gb(method: str, n: int, d: int, b: int, chunk: int) -> float:
 def unavailable(method: str, device: torch.device) -> str | None:
     """Why ``method`` cannot run here (one line), or None."""
     if method == "sdfm-triton":
-        return kernels.triton_problem(device)
+        return triton_skip(device)
     if "faiss" in method:
         try:
             import faiss  # noqa: F401

@@ -62,8 +62,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdfm import kernels
-from sdfm.bench.common import int_list, machine_info, name_list, set_threads, timed, write_json
+from sdfm.bench.common import int_list, machine_info, name_list, set_threads, timed, triton_skip, write_json
 from sdfm.couplings.sinkhorn import cost_std, marginal_errors, sinkhorn
 from sdfm.errors import UserError
 
@@ -138,7 +137,7 @@ def _sdfm(epsilon: float, backend: str, block_size: int, device: torch.device) -
 
         return solve
 
-    reason = kernels.triton_problem(device) if backend == "triton" else None
+    reason = triton_skip(device) if backend == "triton" else None
     return Method(f"sdfm {backend}", make, fixed_iters=True, f64="sdfm", unavailable=reason)
 
 
@@ -494,7 +493,7 @@ def _sharded(args: argparse.Namespace) -> list[dict]:
             x = torch.randn(n, d, generator=gen)
             y = 0.5 * torch.randn(n, d, generator=gen) + 1.0
             for backend in args.backends:
-                reason = kernels.triton_problem("cpu") if backend == "triton" else None
+                reason = triton_skip("cpu") if backend == "triton" else None
                 if reason is not None:  # the ranks run on the CPU
                     rows.append({"n": n, "d": d, "method": f"sdfm {backend}", "skipped": reason})
                     print(f"{n:>6} {d:>4} {'':>5} {'':>6}  {backend:<12} skipped: {reason}")
