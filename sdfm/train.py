@@ -15,6 +15,7 @@ all ranks stop at the same step boundary; rank 0 saves that step and every rank 
 
 from __future__ import annotations
 
+import gc
 import math
 import shutil
 import signal
@@ -443,9 +444,15 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite:
             info(f"no checkpoint in {run_dir} yet; starting from step 0")
         trainer.start_potential(resumed)
         trainer.train()
+        pg.any(False)  # leave together: rank 0 may still be writing the last checkpoint
     finally:
         if trainer is not None and trainer.worker is not None:
             trainer.worker.stop()
+        if trainer is not None and trainer.world > 1:
+            # DDP holds the process group: drop it first, or gloo's threads outlive destroy_process_group
+            # and abort the interpreter at exit.
+            trainer.ddp = trainer.model
+            gc.collect()
         pg.close()
     return trainer
 
