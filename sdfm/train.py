@@ -116,6 +116,8 @@ class Trainer:
             self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        # potential.shard_index only changes a semidiscrete coupling, and only across several ranks.
+        sharded_index = cfg.potential.shard_index and cfg.coupling.kind == "semidiscrete" and self.world > 1
         self.coupling = build_coupling(
             cfg.coupling,
             per_class=self.conditional,
@@ -124,7 +126,7 @@ class Trainer:
             warn=info,
             sharded=self.world > 1,
             device=self.device,
-            index=self._sharded_index() if cfg.potential.shard_index and self.world > 1 else None,
+            index=self._sharded_index() if sharded_index else None,
         )
         if self.world > 1 and cfg.coupling.kind != "sinkhorn":
             self.coupling = self._distributed_coupling(self.coupling)
