@@ -290,7 +290,7 @@ def evaluate_run(
             model=trainer.ema.module.cpu().eval(),
             step=trainer.step,
             run_dir=run_dir,
-            potential=getattr(trainer.coupling, "g", None),
+            potential=trainer.potential,
         )
     else:
         run = load_run(run_dir)

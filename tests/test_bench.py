@@ -8,13 +8,13 @@ import torch
 
 from sdfm.bench import suite
 from sdfm.bench.sinkhorn import reference_sinkhorn
-from sdfm.couplings.sinkhorn import sinkhorn
+from sdfm.ot.sinkhorn import SinkhornOptions, sinkhorn
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory, one_thread):
     path = tmp_path_factory.mktemp("bench") / "suite.json"
-    assert suite.main(["--workload", "toy", "--threads", "1", "--device", "cpu", "--json", str(path)]) == 0
+    assert suite.SuiteBench(workload="toy", threads=1, device="cpu", json=path).run() == 0
     return json.loads(path.read_text())
 
 
@@ -56,7 +56,7 @@ def test_float64_errors_are_small(toy):
 def test_reference_sinkhorn_is_sdfms_iteration(one_thread):
     gen = torch.Generator().manual_seed(3)
     x, y = torch.randn(200, 5, generator=gen), torch.randn(150, 5, generator=gen) + 1
-    ours = sinkhorn(x, y, epsilon=0.1, max_iter=7, tol=0.0)
+    ours = sinkhorn(x, y, SinkhornOptions(epsilon=0.1, max_iter=7, tol=0.0))
     f, g, iters = reference_sinkhorn(x, y, 0.1, 7, block=64)
     assert iters == 7 and f.dtype == torch.float64
     assert torch.allclose(ours.f.double(), f, atol=1e-4 * ours.eps)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdfm.couplings.sinkhorn import SinkhornCoupling, sinkhorn
+from sdfm.couplings.sinkhorn import SinkhornCoupling
 from sdfm.distributed.spawn import run_local
+from sdfm.ot.sinkhorn import SinkhornOptions, sinkhorn
 from sdfm.semidiscrete.index import MatchIndex, reference_argmax
 
 DEADLINE_S = 90.0
@@ -63,8 +64,9 @@ def dataset(world: int) -> dict[str, torch.Tensor]:
 
 def _ranks(rank: int, world: int, keops: bool) -> dict:
     """Every scenario on one rank; returns what it computed (CPU tensors, floats, error messages)."""
+    from sdfm.distributed.collectives import GroupCollectives, all_gather_rows
     from sdfm.distributed.matching import ShardedMatchIndex
-    from sdfm.distributed.sinkhorn import ShardedSinkhornCoupling, all_gather_rows, sharded_sinkhorn
+    from sdfm.distributed.sinkhorn import ShardedSinkhornCoupling, sharded_sinkhorn
     from sdfm.errors import UserError
 
     out: dict = {}
@@ -73,25 +75,27 @@ def _ranks(rank: int, world: int, keops: bool) -> dict:
     gathered = all_gather_rows(split(y, [25, 25] if world == 2 else [17, 16, 17], rank))
     assert torch.equal(gathered.rows, y)
     for cost in ("sqeuclidean", "dot"):
-        r = sharded_sinkhorn(xr, y, cost=cost, **SOLVE)
-        out[f"fixed_{cost}"] = (r.f_local, r.g, r.eps, r.err, r.iters, r.row_offset, r.comm_s)
-    r = sharded_sinkhorn(xr, y, **ANNEALED)
-    out["annealed"] = (r.f_local, r.g, r.eps, r.err, r.iters)
-    r = sharded_sinkhorn(xr, y, **CONVERGED)
-    out["converged"] = (r.f_local, r.g, r.eps, r.err, r.iters)
+        r = sharded_sinkhorn(xr, y, SinkhornOptions(cost=cost, **SOLVE))
+        out[f"fixed_{cost}"] = (r.f, r.g, r.eps, r.err, r.iters, r.row_offset, r.comm_s)
+    r = sharded_sinkhorn(xr, y, SinkhornOptions(**ANNEALED))
+    out["annealed"] = (r.f, r.g, r.eps, r.err, r.iters)
+    r = sharded_sinkhorn(xr, y, SinkhornOptions(**CONVERGED))
+    out["converged"] = (r.f, r.g, r.eps, r.err, r.iters)
     x2 = split(x + 0.01, ROWS[world], rank)
-    warm = sharded_sinkhorn(x2, y, g_init=r.g, **CONVERGED)
-    out["warm_g"] = (warm.f_local, warm.g, warm.iters)
-    warm = sharded_sinkhorn(x2, y, f_init=r.f_local, **CONVERGED)
-    out["warm_f"] = (warm.f_local, warm.g, warm.iters)
+    warm = sharded_sinkhorn(x2, y, SinkhornOptions(**CONVERGED), g_init=r.g)
+    out["warm_g"] = (warm.f, warm.g, warm.iters)
+    warm = sharded_sinkhorn(x2, y, SinkhornOptions(**CONVERGED), f_init=r.f)
+    out["warm_f"] = (warm.f, warm.g, warm.iters)
     if keops:
         xk, yk = points(16, 12, 3, seed=5)
-        r = sharded_sinkhorn(split(xk, [9, 7], rank), yk, backend="keops", **SOLVE)
-        out["keops"] = (r.f_local, r.g, r.iters)
+        r = sharded_sinkhorn(split(xk, [9, 7], rank), yk, SinkhornOptions(backend="keops", **SOLVE))
+        out["keops"] = (r.f, r.g, r.iters)
 
     # Couplings: two steps each (the second one warm-started), per-rank generators seeded differently.
     for per_class in (False, True):
-        coupling = ShardedSinkhornCoupling(epsilon=0.1, tol=1e-5, per_class=per_class)
+        coupling = ShardedSinkhornCoupling(
+            SinkhornCoupling(SinkhornOptions(epsilon=0.1, tol=1e-5), per_class=per_class), GroupCollectives()
+        )
         gen = torch.Generator().manual_seed(11 + rank)
         for step in range(2):
             b = {k: split(v, ROWS[world], rank) for k, v in batch(world, step).items()}
@@ -141,7 +145,7 @@ def ranks(request) -> tuple[int, list[dict]]:
     keops = world == 2
     if keops:  # compile the KeOps formula here once, not in two ranks racing for the cache
         xk, yk = points(16, 12, 3, seed=5)
-        sinkhorn(xk, yk, backend="keops", **SOLVE)
+        sinkhorn(xk, yk, SinkhornOptions(backend="keops", **SOLVE))
     return world, run_local(_ranks, world, args=(keops,), timeout_s=DEADLINE_S)
 
 
@@ -153,7 +157,7 @@ def cat(outs: list[dict], key: str, item: int) -> torch.Tensor:
 def test_sharded_sinkhorn_equals_single_process(ranks, cost):
     world, outs = ranks
     x, y = points(sum(ROWS[world]), 50, 3, seed=world)
-    ref = sinkhorn(x, y, cost=cost, **SOLVE)
+    ref = sinkhorn(x, y, SinkhornOptions(cost=cost, **SOLVE))
     key = f"fixed_{cost}"
     torch.testing.assert_close(cat(outs, key, 0), ref.f, rtol=0, atol=1e-4)
     for o, offset in zip(outs, [sum(ROWS[world][:r]) for r in range(world)], strict=True):
@@ -169,13 +173,13 @@ def test_annealing_and_warm_starts_match_single_process(ranks):
     world, outs = ranks
     x, y = points(sum(ROWS[world]), 50, 3, seed=world)
     for key, options in (("annealed", ANNEALED), ("converged", CONVERGED)):
-        ref = sinkhorn(x, y, **options)
+        ref = sinkhorn(x, y, SinkhornOptions(**options))
         assert ref.err < 1e-4
         assert [o[key][4] for o in outs] == [ref.iters] * world
         torch.testing.assert_close(cat(outs, key, 0), ref.f, rtol=0, atol=1e-4)
         torch.testing.assert_close(outs[0][key][1], ref.g, rtol=0, atol=1e-4)
     for key, init in (("warm_g", {"g_init": ref.g}), ("warm_f", {"f_init": ref.f})):
-        warm = sinkhorn(x + 0.01, y, **CONVERGED, **init)
+        warm = sinkhorn(x + 0.01, y, SinkhornOptions(**CONVERGED), **init)
         assert outs[0][key][2] == warm.iters < ref.iters
         torch.testing.assert_close(cat(outs, key, 0), warm.f, rtol=0, atol=1e-4)
         torch.testing.assert_close(outs[-1][key][1], warm.g, rtol=0, atol=1e-4)
@@ -186,7 +190,7 @@ def test_keops_backend_sharded(ranks):
     if world != 2:
         pytest.skip("KeOps is checked once, with 2 ranks (each new formula compiles for ~10 s)")
     xk, yk = points(16, 12, 3, seed=5)
-    ref = sinkhorn(xk, yk, backend="keops", **SOLVE)
+    ref = sinkhorn(xk, yk, SinkhornOptions(backend="keops", **SOLVE))
     torch.testing.assert_close(cat(outs, "keops", 0), ref.f, rtol=0, atol=1e-4)
     torch.testing.assert_close(outs[1]["keops"][1], ref.g, rtol=0, atol=1e-4)
     assert outs[0]["keops"][2] == ref.iters
@@ -195,7 +199,7 @@ def test_keops_backend_sharded(ranks):
 @pytest.mark.parametrize("per_class", [False, True], ids=["global", "per_class"])
 def test_sharded_pairs_equal_single_process_pairs(ranks, per_class):
     world, outs = ranks
-    coupling = SinkhornCoupling(epsilon=0.1, tol=1e-5, per_class=per_class)
+    coupling = SinkhornCoupling(SinkhornOptions(epsilon=0.1, tol=1e-5), per_class=per_class)
     gen = torch.Generator().manual_seed(11)  # rank 0's seed: the shared sampling seed comes from rank 0
     for step in range(2):
         b = batch(world, step)

@@ -19,8 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdfm import config as config_mod
 from sdfm.config import Config
-from sdfm.train import Trainer, prepare_run_dir
+from sdfm.rundir import prepare_run_dir
+from sdfm.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
@@ -79,10 +81,10 @@ def run(cmd: list[str], timeout: int = JOB_TIMEOUT) -> subprocess.CompletedProce
 
 def single_process(run_dir: Path, kind: str, steps: int, extra: tuple[str, ...] = ()) -> Trainer:
     """The reference: the same job in this process (one rank)."""
-    from sdfm.cli import _config_from
+    from sdfm.cli import parse
 
     args = [*OVERRIDES, "--coupling.kind", kind, "--train.steps", str(steps), *extra]
-    cfg: Config = _config_from(None, args, "t")
+    cfg: Config = config_mod.validate(parse(["train", *args]).cfg)
     prepare_run_dir(run_dir, cfg, resume=False, overwrite=False)
     trainer = Trainer(cfg, run_dir)
     trainer.start_potential(resumed=False)

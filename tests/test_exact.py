@@ -12,7 +12,7 @@ from sdfm.couplings import (
     SinkhornCoupling,
     build_coupling,
 )
-from sdfm.couplings.exact import exact_ot_assignment
+from sdfm.ot.exact import exact_ot_assignment
 from sdfm.errors import UserError
 
 
@@ -78,7 +78,8 @@ def test_build_coupling_kinds():
     cfg = CouplingConfig(kind="sinkhorn", epsilon=0.2, backend="keops", anneal_from=1.0, block_size=64)
     sink = build_coupling(cfg, per_class=False)
     assert isinstance(sink, SinkhornCoupling) and not sink.per_class
-    assert (sink.epsilon, sink.backend, sink.anneal_from, sink.block_size) == (0.2, "keops", 1.0, 64)
+    o = sink.options
+    assert (o.epsilon, o.backend, o.anneal_from, o.block_size) == (0.2, "keops", 1.0, 64)
     with pytest.raises(ValueError, match="dataset"):
         build_coupling(CouplingConfig(kind="semidiscrete"), per_class=False)
     with pytest.raises(UserError, match="coupling.kind.*'independent', 'exact', 'sinkhorn'"):

@@ -1,6 +1,6 @@
 import torch
 
-from sdfm.semidiscrete import fit_potential
+from sdfm.semidiscrete import FitBudget, FitterOptions, fit_potential
 from sdfm.semidiscrete.velocity import ExactVelocity, velocity_gap
 from sdfm.solvers import sample
 
@@ -8,7 +8,9 @@ from sdfm.solvers import sample
 def _problem(n=200, d=3, seed=0):
     gen = torch.Generator().manual_seed(seed)
     y = torch.randn(n, d, generator=gen) * 2 + 1
-    g = fit_potential(y, max_steps=200, batch_size=128, target_chi2=0.2, log=None, progress=False).g
+    g = fit_potential(
+        y, FitterOptions(batch_size=128), FitBudget(max_steps=200, target_chi2=0.2), log=None, progress=False
+    ).g
     x0 = torch.randn(64, d, generator=gen)
     return y, g, x0
 

@@ -19,9 +19,10 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from sdfm import kernels  # noqa: E402
-from sdfm.couplings.sinkhorn import SinkhornCoupling, sample_rows, sinkhorn  # noqa: E402
+from sdfm.couplings.sinkhorn import SinkhornCoupling  # noqa: E402
 from sdfm.errors import UserError  # noqa: E402
 from sdfm.kernels.auto import AutoBackend  # noqa: E402
+from sdfm.ot import SinkhornOptions, sample_rows, sinkhorn  # noqa: E402
 from sdfm.semidiscrete.index import MatchIndex, reference_argmax  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,11 +93,12 @@ def test_argmax_ties_go_to_the_smallest_index():
 def test_gumbel_sampling_draws_what_sample_rows_draws(cost, d):
     gen = torch.Generator().manual_seed(4)
     x, y = torch.randn(210, d, generator=gen).to(DEVICE), torch.randn(170, d, generator=gen).to(DEVICE) + 0.5
-    result = sinkhorn(x, y, epsilon=0.1, cost=cost, max_iter=20)
-    want = sample_rows(x, y, result, seed=123, cost=cost, block_size=64, row_offset=7)
-    got = sample_rows(x, y, result, seed=123, cost=cost, row_offset=7, backend="triton")
+    result = sinkhorn(x, y, SinkhornOptions(epsilon=0.1, cost=cost, max_iter=20))
+    want = sample_rows(x, y, result, SinkhornOptions(cost=cost, block_size=64), seed=123, row_offset=7)
+    got = sample_rows(x, y, result, SinkhornOptions(cost=cost, backend="triton"), seed=123, row_offset=7)
     assert torch.equal(got, want)
-    assert not torch.equal(want, sample_rows(x, y, result, seed=124, cost=cost, block_size=64, row_offset=7))
+    again = sample_rows(x, y, result, SinkhornOptions(cost=cost, block_size=64), seed=124, row_offset=7)
+    assert not torch.equal(want, again)
 
 
 def test_gumbel_noise_does_not_depend_on_splits():
@@ -114,7 +116,7 @@ def test_sinkhorn_triton_equals_torch(cost):
         torch.randn(130, 17, generator=gen).to(DEVICE) + 1.0,
     )
     kw = dict(epsilon=0.1, cost=cost, tol=0.0, max_iter=25)
-    ref, out = sinkhorn(x, y, **kw), sinkhorn(x, y, backend="triton", **kw)
+    ref, out = sinkhorn(x, y, SinkhornOptions(**kw)), sinkhorn(x, y, SinkhornOptions(backend="triton", **kw))
     assert out.iters == ref.iters == 25
     torch.testing.assert_close(out.f, ref.f, rtol=0, atol=1e-4 * ref.eps)
     torch.testing.assert_close(out.g, ref.g, rtol=0, atol=1e-4 * ref.eps)
@@ -125,7 +127,9 @@ def test_sinkhorn_coupling_samples_with_its_backend():
     gen = torch.Generator().manual_seed(7)
     x0, x1 = torch.randn(100, 2, generator=gen).to(DEVICE), torch.randn(100, 2, generator=gen).to(DEVICE)
     pairs = [
-        SinkhornCoupling(backend=backend, max_iter=15).match(x0, x1, torch.Generator().manual_seed(0))
+        SinkhornCoupling(SinkhornOptions(backend=backend, max_iter=15)).match(
+            x0, x1, torch.Generator().manual_seed(0)
+        )
         for backend in ("torch", "triton")
     ]
     assert torch.equal(pairs[0], pairs[1])
@@ -166,7 +170,9 @@ def test_auto_is_torch_on_cpu():
     gen = torch.Generator().manual_seed(10)
     x, y = torch.randn(80, 5, generator=gen), torch.randn(90, 5, generator=gen)
     kw = dict(epsilon=0.1, max_iter=30)
-    assert torch.equal(sinkhorn(x, y, backend="auto", **kw).g, sinkhorn(x, y, **kw).g)
+    assert torch.equal(
+        sinkhorn(x, y, SinkhornOptions(backend="auto", **kw)).g, sinkhorn(x, y, SinkhornOptions(**kw)).g
+    )
     g = torch.randn(90, generator=gen)
     index = MatchIndex(y, backend="auto")
     index.set_potential(g)
@@ -213,13 +219,13 @@ def test_triton_on_cpu_without_the_interpreter_is_one_clear_error(monkeypatch):
     )
     for call in (
         lambda: kernels.lse(a, b, h),
-        lambda: sinkhorn(a, b, backend="triton"),
+        lambda: sinkhorn(a, b, SinkhornOptions(backend="triton")),
         lambda: MatchIndex(b, backend="triton"),
     ):
         with pytest.raises(UserError, match="TRITON_INTERPRET=1") as info:
             call()
         assert "\n" not in str(info.value) and "backend 'torch'" in str(info.value)
-    assert sinkhorn(a, b, backend="auto", max_iter=5).iters == 5  # auto just uses torch
+    assert sinkhorn(a, b, SinkhornOptions(backend="auto", max_iter=5)).iters == 5  # auto just uses torch
 
 
 def test_interpreter_mode_changed_after_import_is_reported(monkeypatch):

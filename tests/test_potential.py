@@ -15,13 +15,15 @@ from safetensors.torch import save_file
 from sdfm.errors import UserError
 from sdfm.semidiscrete import (
     Chi2Evaluator,
+    FitBudget,
+    FitterOptions,
     MatchIndex,
     PotentialFitter,
     fit_potential,
     load_potential,
     save_potential,
 )
-from sdfm.semidiscrete.potential import coarse_start
+from sdfm.semidiscrete.coarse import coarse_start
 
 A = torch.tensor([1.5, 0.0])
 
@@ -58,7 +60,7 @@ def test_chi2_estimator_matches_closed_form(epsilon):
 
 @pytest.mark.parametrize("block", [1 << 24, 21_000, 3000])  # all rows; blocks of 70 rows; two passes over N
 def test_softmax_sums_are_exact_in_every_blocking(monkeypatch, block):
-    from sdfm.semidiscrete import potential
+    from sdfm.semidiscrete import softmax
 
     gen = torch.Generator().manual_seed(0)
     q, keys, g = (
@@ -66,8 +68,8 @@ def test_softmax_sums_are_exact_in_every_blocking(monkeypatch, block):
         torch.randn(300, 5, generator=gen),
         torch.randn(300, generator=gen),
     )
-    monkeypatch.setattr(potential, "_SOFTMAX_BLOCK", block)
-    col_sum, col_sq = potential._softmax_sums(q, keys, g, 0.7)
+    monkeypatch.setattr(softmax, "SOFTMAX_BLOCK", block)
+    col_sum, col_sq = softmax.softmax_sums(q, keys, g, 0.7)
     s = torch.softmax((q.double() @ keys.double().T + g.double()) / 0.7, dim=1)
     assert torch.allclose(col_sum.double(), s.sum(0), atol=1e-5)
     assert torch.allclose(col_sq.double(), s.square().sum(0), atol=1e-5)
@@ -77,7 +79,7 @@ def test_softmax_sums_are_exact_in_every_blocking(monkeypatch, block):
 @pytest.mark.parametrize("epsilon", [0.0, 0.3])
 def test_fit_drives_chi2_down(method, epsilon):
     y = _points()
-    fitter = PotentialFitter(y, epsilon=epsilon, method=method, batch_size=256, seed=1)
+    fitter = PotentialFitter(y, FitterOptions(epsilon=epsilon, method=method, batch_size=256, seed=1))
     start = fitter.evaluate(4096, torch.Generator().manual_seed(2), torch.zeros(len(y)))
     reports = [fitter.step() for _ in range(400)]
     end = fitter.evaluate(4096, torch.Generator().manual_seed(2))
@@ -95,7 +97,7 @@ def test_fit_drives_chi2_down(method, epsilon):
 def test_fit_with_labels_stays_within_classes(method):
     y = _points()
     labels = torch.randint(0, 3, (len(y),), generator=torch.Generator().manual_seed(4))
-    fitter = PotentialFitter(y, method=method, batch_size=256, labels=labels)
+    fitter = PotentialFitter(y, FitterOptions(method=method, batch_size=256), labels=labels)
     start = fitter.evaluate(4096, torch.Generator().manual_seed(2), torch.zeros(len(y)))
     for _ in range(400):
         fitter.step()
@@ -108,7 +110,7 @@ def test_fit_with_labels_stays_within_classes(method):
 
 def test_fit_in_pca_space():
     y = _points(d=8)
-    fitter = PotentialFitter(y, batch_size=256, pca_dim=3)
+    fitter = PotentialFitter(y, FitterOptions(batch_size=256, pca_dim=3))
     start = fitter.evaluate(4096, torch.Generator().manual_seed(2), torch.zeros(len(y)))
     for _ in range(400):
         fitter.step()
@@ -120,7 +122,7 @@ def test_fit_in_pca_space():
 @pytest.mark.parametrize("method", ["sgd_ema", "averaged_sgd"])
 def test_symmetric_two_points_have_zero_potential(method):
     # Cells of ±a under g = 0 are the half-spaces <x, a> > 0 and < 0, each of mass 1/2: g* = 0.
-    fitter = PotentialFitter(torch.stack([A, -A]), method=method, batch_size=256)
+    fitter = PotentialFitter(torch.stack([A, -A]), FitterOptions(method=method, batch_size=256))
     for _ in range(300):
         fitter.step()
     g = fitter.potential()
@@ -133,10 +135,8 @@ def test_fit_potential_reaches_target_and_reports():
     lines: list[str] = []
     result = fit_potential(
         _points(),
-        batch_size=256,
-        max_steps=3000,
-        target_chi2=0.05,
-        log_every=50,
+        FitterOptions(batch_size=256),
+        FitBudget(max_steps=3000, target_chi2=0.05, log_every=50),
         progress=False,
         log=lines.append,
     )
@@ -151,7 +151,10 @@ def test_fit_potential_reaches_target_and_reports():
 
 def test_fit_potential_respects_time_budget():
     result = fit_potential(
-        _points(), batch_size=256, max_steps=10**6, max_seconds=0.5, eval_samples=0, log=None
+        _points(),
+        FitterOptions(batch_size=256),
+        FitBudget(max_steps=10**6, max_seconds=0.5, eval_samples=0),
+        log=None,
     )
     assert not result.converged or result.chi2 <= 0.05
     assert result.seconds < 5
@@ -160,18 +163,18 @@ def test_fit_potential_respects_time_budget():
 @pytest.mark.parametrize("method", ["sgd_ema", "averaged_sgd"])
 def test_state_dict_round_trip_continues_identically(method):
     y = _points()
-    a = PotentialFitter(y, method=method, batch_size=128, seed=3)
+    a = PotentialFitter(y, FitterOptions(method=method, batch_size=128, seed=3))
     for _ in range(5):
         a.step()
     buffer = io.BytesIO()
     torch.save(a.state_dict(), buffer)
-    b = PotentialFitter(y, method=method, batch_size=128, seed=99)
+    b = PotentialFitter(y, FitterOptions(method=method, batch_size=128, seed=99))
     b.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
     for _ in range(5):
         ra, rb = a.step(), b.step()
         assert ra == rb
     assert torch.equal(a.g, b.g) and torch.equal(a.potential(), b.potential())
-    other = PotentialFitter(y[:100], method=method, batch_size=128)
+    other = PotentialFitter(y[:100], FitterOptions(method=method, batch_size=128))
     with pytest.raises(UserError, match="n=200"):
         other.load_state_dict(a.state_dict())
 
@@ -179,13 +182,13 @@ def test_state_dict_round_trip_continues_identically(method):
 def test_fitter_rejects_bad_arguments():
     y = _points()
     with pytest.raises(UserError, match="method"):
-        PotentialFitter(y, method="adam")
+        PotentialFitter(y, FitterOptions(method="adam"))
     with pytest.raises(UserError, match="epsilon"):
-        PotentialFitter(y, epsilon=-1.0)
+        PotentialFitter(y, FitterOptions(epsilon=-1.0))
     with pytest.raises(UserError, match="batch_size"):
-        PotentialFitter(y, batch_size=3, labels=torch.arange(200) % 3)
+        PotentialFitter(y, FitterOptions(batch_size=3), labels=torch.arange(200) % 3)
     with pytest.raises(UserError, match="pca_dim"):
-        PotentialFitter(y, pca_dim=5)
+        PotentialFitter(y, FitterOptions(pca_dim=5))
     with pytest.raises(UserError, match="sample_source"):
         PotentialFitter(y, sample_source=lambda n, gen: torch.randn(n, 3, generator=gen)).step()
 
@@ -198,7 +201,7 @@ def test_custom_source_is_used():
         calls.append(n)
         return 2.0 * torch.rand(n, 2, generator=generator) - 1.0
 
-    fitter = PotentialFitter(y, batch_size=64, sample_source=source, init="zero")
+    fitter = PotentialFitter(y, FitterOptions(batch_size=64, init="zero"), sample_source=source)
     fitter.step()
     assert calls == [64]
 
@@ -212,7 +215,7 @@ def test_coarse_start_shortens_the_transient_in_2d():
     evaluate = Chi2Evaluator(y, num_samples=8192)
     results = {}
     for init in ("zero", "auto"):
-        fitter = PotentialFitter(y, batch_size=256, init=init)
+        fitter = PotentialFitter(y, FitterOptions(batch_size=256, init=init))
         for _ in range(150):
             fitter.step()
         results[init] = (fitter.init, evaluate(fitter.potential()))
@@ -221,7 +224,7 @@ def test_coarse_start_shortens_the_transient_in_2d():
 
 
 def test_auto_init_is_zero_for_image_like_data():
-    assert PotentialFitter(_points(d=64), batch_size=64).init == "zero"
+    assert PotentialFitter(_points(d=64), FitterOptions(batch_size=64)).init == "zero"
 
 
 def test_coarse_start_is_centered_and_small_problems_stay_zero():
@@ -235,10 +238,10 @@ def test_coarse_start_is_centered_and_small_problems_stay_zero():
 
 def test_resumed_fitter_does_not_redo_the_coarse_start():
     y = _points(n=800, d=2)
-    a = PotentialFitter(y, batch_size=64, init="coarse", clusters=16)
+    a = PotentialFitter(y, FitterOptions(batch_size=64, init="coarse", clusters=16))
     for _ in range(3):
         a.step()
-    b = PotentialFitter(y, batch_size=64, init="coarse", clusters=16)
+    b = PotentialFitter(y, FitterOptions(batch_size=64, init="coarse", clusters=16))
     b.load_state_dict(a.state_dict())
     a.step()
     b.step()

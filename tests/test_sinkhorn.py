@@ -5,9 +5,8 @@ import ot
 import pytest
 import torch
 
-from sdfm.couplings import SinkhornCoupling, sinkhorn
-from sdfm.couplings.exact import exact_ot_assignment
-from sdfm.couplings.sinkhorn import cost_std, marginal_errors, sample_rows
+from sdfm.couplings import SinkhornCoupling
+from sdfm.ot import SinkhornOptions, cost_std, exact_ot_assignment, marginal_errors, sample_rows, sinkhorn
 
 
 def points(n: int, m: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +41,7 @@ def test_cost_std_matches_dense(cost, d):
 @pytest.mark.parametrize(("n", "m", "d"), [(64, 64, 2), (200, 150, 5)])
 def test_sinkhorn_matches_pot(cost, n, m, d):
     x, y = points(n, m, d)
-    result = sinkhorn(x, y, epsilon=0.1, cost=cost, tol=1e-6, max_iter=5000)
+    result = sinkhorn(x, y, SinkhornOptions(epsilon=0.1, cost=cost, tol=1e-6, max_iter=5000))
     assert result.err < 1e-6 and result.iters < 5000
     c = dense_cost(x, y, cost).numpy()
     a, b = np.full(n, 1 / n), np.full(m, 1 / m)
@@ -59,8 +58,8 @@ def test_sinkhorn_matches_pot(cost, n, m, d):
 def test_blocked_equals_unblocked_and_rectangular():
     x, y = points(90, 61, 3)
     # A fixed iteration count (tol unreachable), so both runs do the same number of updates.
-    big = sinkhorn(x, y, epsilon=0.1, tol=1e-12, max_iter=100, block_size=4096)
-    small = sinkhorn(x, y, epsilon=0.1, tol=1e-12, max_iter=100, block_size=16)
+    big = sinkhorn(x, y, SinkhornOptions(epsilon=0.1, tol=1e-12, max_iter=100, block_size=4096))
+    small = sinkhorn(x, y, SinkhornOptions(epsilon=0.1, tol=1e-12, max_iter=100, block_size=16))
     assert big.f.shape == (90,) and big.g.shape == (61,) and big.err < 1e-4
     torch.testing.assert_close(small.f, big.f, rtol=0, atol=1e-4)
     torch.testing.assert_close(small.g, big.g, rtol=0, atol=1e-4)
@@ -68,18 +67,18 @@ def test_blocked_equals_unblocked_and_rectangular():
 
 def test_warm_start_reduces_iterations():
     x, y = points(128, 128, 2)
-    cold = sinkhorn(x, y, epsilon=0.05, tol=1e-4)
+    cold = sinkhorn(x, y, SinkhornOptions(epsilon=0.05, tol=1e-4))
     # A slightly perturbed batch: the previous potentials are close to the new ones.
     x2 = x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-    warm = sinkhorn(x2, y, epsilon=0.05, tol=1e-4, g_init=cold.g)
-    again = sinkhorn(x2, y, epsilon=0.05, tol=1e-4)
+    warm = sinkhorn(x2, y, SinkhornOptions(epsilon=0.05, tol=1e-4), g_init=cold.g)
+    again = sinkhorn(x2, y, SinkhornOptions(epsilon=0.05, tol=1e-4))
     assert warm.err < 1e-4 and warm.iters < again.iters / 2
 
 
 def test_annealing_reaches_the_same_potentials():
     x, y = points(100, 100, 2)
-    plain = sinkhorn(x, y, epsilon=0.05, tol=1e-6, max_iter=5000)
-    annealed = sinkhorn(x, y, epsilon=0.05, tol=1e-6, max_iter=5000, anneal_from=1.0)
+    plain = sinkhorn(x, y, SinkhornOptions(epsilon=0.05, tol=1e-6, max_iter=5000))
+    annealed = sinkhorn(x, y, SinkhornOptions(epsilon=0.05, tol=1e-6, max_iter=5000, anneal_from=1.0))
     assert annealed.eps == pytest.approx(plain.eps) and annealed.err < 1e-6
     # Potentials are unique up to f + k, g - k.
     shift = (annealed.f - plain.f).mean()
@@ -89,7 +88,7 @@ def test_annealing_reaches_the_same_potentials():
 
 def test_max_iter_caps_and_reports_error():
     x, y = points(64, 64, 2)
-    result = sinkhorn(x, y, epsilon=0.01, tol=1e-9, max_iter=7, check_every=3)
+    result = sinkhorn(x, y, SinkhornOptions(epsilon=0.01, tol=1e-9, max_iter=7, check_every=3))
     assert result.iters == 7 and result.err > 1e-9
     assert result.err == pytest.approx(marginal_errors(x, y, result.f, result.g, result.eps)[0], rel=1e-3)
 
@@ -97,8 +96,8 @@ def test_max_iter_caps_and_reports_error():
 @pytest.mark.parametrize("cost", ["sqeuclidean", "dot"])
 def test_keops_matches_torch(cost):
     x, y = points(120, 90, 3)
-    ref = sinkhorn(x, y, epsilon=0.1, cost=cost, tol=1e-12, max_iter=100, backend="torch")
-    out = sinkhorn(x, y, epsilon=0.1, cost=cost, tol=1e-12, max_iter=100, backend="keops")
+    ref = sinkhorn(x, y, SinkhornOptions(epsilon=0.1, cost=cost, tol=1e-12, max_iter=100, backend="torch"))
+    out = sinkhorn(x, y, SinkhornOptions(epsilon=0.1, cost=cost, tol=1e-12, max_iter=100, backend="keops"))
     assert ref.err < 1e-4 and out.err == pytest.approx(ref.err, rel=0.1, abs=1e-6)
     scale = ref.f.abs().max()
     torch.testing.assert_close(out.f, ref.f, rtol=0, atol=1e-4 * scale)
@@ -108,7 +107,7 @@ def test_keops_matches_torch(cost):
 @pytest.mark.parametrize("cost", ["sqeuclidean", "dot"])
 def test_sample_rows_follows_the_plan(cost):
     x, y = points(4, 5, 2)
-    result = sinkhorn(x, y, epsilon=0.1, cost=cost, tol=1e-7, max_iter=5000)
+    result = sinkhorn(x, y, SinkhornOptions(epsilon=0.1, cost=cost, tol=1e-7, max_iter=5000))
     conditional = dense_plan(x, y, result, cost)
     conditional = conditional / conditional.sum(1, keepdim=True)
     # 20 seeds x 500 copies of each row: the copies have distinct row ids, hence independent noise.
@@ -117,7 +116,11 @@ def test_sample_rows_follows_the_plan(cost):
     counts = torch.zeros(4, 5, dtype=torch.float64)
     one = torch.ones((), dtype=torch.float64)
     for seed in range(seeds):
-        counts.index_put_((rows, sample_rows(x[rows], y, result, seed=seed, cost=cost)), one, accumulate=True)
+        counts.index_put_(
+            (rows, sample_rows(x[rows], y, result, SinkhornOptions(cost=cost), seed=seed)),
+            one,
+            accumulate=True,
+        )
     # Binomial standard deviation <= 0.5 / sqrt(10^4) = 0.005 per cell, so 0.025 is 5 sigma; sampling
     # with g = 0 instead of the potential misses by > 0.18 here.
     assert (counts / (copies * seeds) - conditional).abs().max() < 0.025
@@ -125,17 +128,17 @@ def test_sample_rows_follows_the_plan(cost):
 
 def test_sample_rows_is_counter_based():
     x, y = points(40, 33, 3)
-    result = sinkhorn(x, y, epsilon=0.1, tol=1e-4)
-    full = sample_rows(x, y, result, seed=7, block_size=1000)
+    result = sinkhorn(x, y, SinkhornOptions(epsilon=0.1, tol=1e-4))
+    full = sample_rows(x, y, result, SinkhornOptions(block_size=1000), seed=7)
     assert full.dtype == torch.long and full.shape == (40,)
-    assert torch.equal(sample_rows(x, y, result, seed=7, block_size=3), full)
-    assert torch.equal(sample_rows(x[5:10], y, result, seed=7, row_offset=5), full[5:10])
-    assert not torch.equal(sample_rows(x, y, result, seed=8), full)
+    assert torch.equal(sample_rows(x, y, result, SinkhornOptions(block_size=3), seed=7), full)
+    assert torch.equal(sample_rows(x[5:10], y, result, SinkhornOptions(), seed=7, row_offset=5), full[5:10])
+    assert not torch.equal(sample_rows(x, y, result, SinkhornOptions(), seed=8), full)
 
 
 def test_tiny_epsilon_coupling_is_exact_ot():
     x, y = points(16, 16, 2, seed=3)
-    coupling = SinkhornCoupling(epsilon=1e-3, anneal_from=1.0, tol=1e-4, max_iter=20000)
+    coupling = SinkhornCoupling(SinkhornOptions(epsilon=1e-3, anneal_from=1.0, tol=1e-4, max_iter=20000))
     index = coupling.match(x, y, torch.Generator().manual_seed(0))
     exact = exact_ot_assignment(x, y)
     c = dense_cost(x, y, "sqeuclidean")
@@ -148,10 +151,10 @@ def test_tiny_epsilon_coupling_is_exact_ot():
 def test_coupling_state_round_trip_is_bit_identical():
     x, y = points(32, 32, 2)
     x2, y2 = points(32, 32, 2, seed=5)
-    a = SinkhornCoupling(epsilon=0.05, tol=1e-3)
+    a = SinkhornCoupling(SinkhornOptions(epsilon=0.05, tol=1e-3))
     assert a.state_dict() == {} and a.stats() == {}
     a.match(x, y, torch.Generator().manual_seed(0))
-    b = SinkhornCoupling(epsilon=0.05, tol=1e-3)
+    b = SinkhornCoupling(SinkhornOptions(epsilon=0.05, tol=1e-3))
     b.load_state_dict(a.state_dict())
     assert set(a.state_dict()) == {"g", "n"}
     ia = a.match(x2, y2, torch.Generator().manual_seed(1))
@@ -165,9 +168,9 @@ def test_coupling_state_round_trip_is_bit_identical():
 def test_bad_inputs_are_rejected():
     x, y = points(8, 8, 2)
     with pytest.raises(ValueError, match="cost"):
-        sinkhorn(x, y, cost="l1")
+        sinkhorn(x, y, SinkhornOptions(cost="l1"))
     with pytest.raises(ValueError, match="backend"):
-        sinkhorn(x, y, backend="jax")
+        sinkhorn(x, y, SinkhornOptions(backend="jax"))
     with pytest.raises(ValueError, match="same d"):
         sinkhorn(x, y[:, :1])
     with pytest.raises(ValueError, match="g_init"):
@@ -178,12 +181,12 @@ def test_dense_and_blocked_reductions_agree(monkeypatch):
     """Small batches keep the scores in memory; large ones recompute them in blocks: same solve."""
     import importlib
 
-    sk = importlib.import_module("sdfm.couplings.sinkhorn")  # the package's `sinkhorn` is the function
+    sk = importlib.import_module("sdfm.ot.sinkhorn")  # the package's `sinkhorn` is the function
 
     x, y = points(300, 280, 5, seed=7)
-    dense = sk.sinkhorn(x, y, epsilon=0.05, anneal_from=0.5, tol=1e-5)
+    dense = sk.sinkhorn(x, y, SinkhornOptions(epsilon=0.05, anneal_from=0.5, tol=1e-5))
     monkeypatch.setattr(sk, "DENSE_SCORES", 0)
-    blocked = sk.sinkhorn(x, y, epsilon=0.05, anneal_from=0.5, tol=1e-5, block_size=128)
+    blocked = sk.sinkhorn(x, y, SinkhornOptions(epsilon=0.05, anneal_from=0.5, tol=1e-5, block_size=128))
     assert dense.iters == blocked.iters
     torch.testing.assert_close(dense.g, blocked.g, atol=1e-4, rtol=0)
     torch.testing.assert_close(dense.f, blocked.f, atol=1e-4, rtol=0)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sdfm.config import Config
-from sdfm.train import Trainer, prepare_run_dir
+from sdfm.rundir import prepare_run_dir
+from sdfm.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,10 +11,9 @@ import torch
 
 from sdfm import config as config_mod
 from sdfm.config import Config
-from sdfm.couplings.semidiscrete import snapshot_path
+from sdfm.rundir import prepare_run_dir, record_dataset, snapshot_path
 from sdfm.semidiscrete import load_potential, save_potential
-from sdfm.semidiscrete.worker import record_dataset
-from sdfm.train import Trainer, prepare_run_dir, run_training
+from sdfm.trainer import Trainer, run_training
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -262,7 +261,7 @@ def test_fit_potential_command(tmp_path):
     out = tmp_path / "g.safetensors"
     r = _sdfm(
         "fit-potential",
-        "--data",
+        "--data.name",
         "digits",
         "--potential.max_steps",
         "400",
@@ -279,5 +278,5 @@ def test_fit_potential_command(tmp_path):
     data = load_dataset(DataConfig(name="digits"))
     assert pot.n == len(data) and pot.fingerprint == data.fingerprint and pot.step > 0
     assert pot.chi2 < 0.2, pot.chi2  # digits reach about 0.02 within a few hundred steps
-    r = _sdfm("fit-potential", "--data", "digits")
+    r = _sdfm("fit-potential", "--data.name", "digits")
     assert r.returncode == 2 and "--out" in r.stderr

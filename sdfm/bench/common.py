@@ -1,9 +1,9 @@
-"""Helpers shared by the ``sdfm bench`` workloads: list arguments, thread pinning, timing, and the
-machine description that every benchmark prints beside its numbers."""
+"""Helpers shared by the ``sdfm bench`` workloads: the default device, thread pinning, timing, the
+machine description that every benchmark prints beside its numbers, and the JSON writer."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -17,14 +17,9 @@ import torch
 T = TypeVar("T")
 
 
-def int_list(text: str) -> list[int]:
-    """'1024,4096' -> [1024, 4096] (argparse type)."""
-    return [int(v) for v in text.split(",") if v]
-
-
-def name_list(text: str) -> list[str]:
-    """'torch, keops' -> ['torch', 'keops'] (argparse type)."""
-    return [v.strip() for v in text.split(",") if v.strip()]
+def default_device() -> str:
+    """'cuda' when a GPU is present, else 'cpu' (the default --device of every benchmark)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def set_threads(threads: int) -> None:
@@ -84,10 +79,10 @@ def machine_info() -> dict[str, str | int]:
     return info | {"faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads()}
 
 
-def write_json(path: Path, machine: dict, args: argparse.Namespace, **results: Any) -> None:
-    """Write a benchmark's machine, arguments and results to ``path`` (the --json option)."""
+def write_json(path: Path, machine: dict, args: Any, **results: Any) -> None:
+    """Write a benchmark's machine, options (a dataclass) and results to ``path`` (the --json option)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    settings = vars(args) | {"json": str(path)}
+    settings = dataclasses.asdict(args) | {"json": str(path)}
     path.write_text(json.dumps({"machine": machine, "args": settings, **results}, indent=1, default=str))
     print(f"wrote {path}")
 

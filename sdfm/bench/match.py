@@ -34,75 +34,72 @@ score matrix) exceeds ``--mem-gb``, or one call is predicted to take longer than
 ``--threads`` pins torch's and FAISS's thread pools (FAISS has its own OpenMP runtime).
 
 Run: ``sdfm bench match`` (N = 60,000, a few minutes on 2 cores); the full grid is
-``sdfm bench match --N 60000,1000000 --d 64,784 --B 256,4096`` (on a CPU, N = 10^6 at d = 784 with
+``sdfm bench match --N 60000 1000000 --d 64 784 --B 256 4096`` (on a CPU, N = 10^6 at d = 784 with
 B = 4,096 is about 6 TFLOP per call and is skipped by the default budget; raise ``--budget``).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from sdfm.bench.common import (
-    int_list,
-    machine_info,
-    name_list,
-    set_threads,
-    sync,
-    timed,
-    triton_skip,
-    write_json,
-)
-from sdfm.errors import UserError
+from sdfm.bench.common import default_device, machine_info, set_threads, sync, timed, triton_skip, write_json
+from sdfm.bench.peers import PlainIndex
 from sdfm.semidiscrete import MatchIndex
 
 METHODS = ("sdfm-torch", "sdfm-faiss", "sdfm-triton", "faiss-flat", "faiss-fp16", "torch-matmul")
 PEERS = ("faiss-flat", "faiss-fp16", "torch-matmul")
+MethodName = Literal["sdfm-torch", "sdfm-faiss", "sdfm-triton", "faiss-flat", "faiss-fp16", "torch-matmul"]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sdfm bench match", description=__doc__.split("\n")[0])
-    p.add_argument("--N", type=int_list, default=[60000], help="comma-separated numbers of points")
-    p.add_argument("--d", type=int_list, default=[64, 784], help="comma-separated dimensions")
-    p.add_argument("--B", type=int_list, default=[256, 4096], help="comma-separated query batch sizes")
-    p.add_argument("--methods", type=name_list, default=list(METHODS), help=", ".join(METHODS))
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median reported)")
-    p.add_argument(
-        "--budget", type=float, default=20.0, help="seconds per measurement; longer calls are skipped"
-    )
-    p.add_argument(
-        "--mem-gb", type=float, default=8.0, help="skip combinations estimated to need more memory"
-    )
-    p.add_argument("--chunk-size", type=int, default=8192, help="MatchIndex(torch) rows per chunk")
-    p.add_argument(
-        "--f64-check", type=int, default=256, help="queries checked against a float64 brute force (0: none)"
-    )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch and FAISS CPU threads (0: their default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
-    p.add_argument("--json", type=Path, default=None, help="write all rows to this JSON file")
-    return p
+@dataclass(kw_only=True)
+class MatchBench:
+    """Matching throughput of MatchIndex beside plain FAISS and plain torch, and the cost of applying
+    a new potential."""
 
+    N: list[int] = field(default_factory=lambda: [60000])
+    """Numbers of points."""
+    d: list[int] = field(default_factory=lambda: [64, 784])
+    """Dimensions."""
+    B: list[int] = field(default_factory=lambda: [256, 4096])
+    """Query batch sizes."""
+    methods: list[MethodName] = field(default_factory=lambda: list(METHODS))
+    """Methods to time."""
+    repeats: int = 3
+    """Timed calls per measurement (median reported)."""
+    budget: float = 20.0
+    """Seconds per measurement; longer calls are skipped."""
+    mem_gb: float = 8.0
+    """Skip combinations estimated to need more memory."""
+    chunk_size: int = 8192
+    """MatchIndex(torch) rows per chunk."""
+    f64_check: int = 256
+    """Queries checked against a float64 brute force (0: none)."""
+    device: str = field(default_factory=default_device)
+    """cpu or cuda."""
+    threads: int = 0
+    """torch and FAISS CPU threads (0: their default)."""
+    seed: int = 0
+    """Seed of the synthetic data."""
+    json: Path | None = None
+    """Write all rows to this JSON file."""
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """The benchmark's options (see ``sdfm bench match --help``), checked."""
-    args = _parser().parse_args(argv)
-    bad = [m for m in args.methods if m not in METHODS]
-    if bad:
-        raise UserError(f"unknown --methods {bad}; choose from {', '.join(METHODS)}")
-    return args
-
-
-def _faiss_gpu() -> bool:
-    import faiss
-
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    def run(self) -> int:
+        """Run the benchmark, print a table, optionally write JSON; returns the exit code."""
+        set_threads(self.threads)
+        machine = machine_info() | {"device": self.device}
+        print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
+        rows = run(self)
+        if self.json is not None:
+            write_json(self.json, machine, self, rows=rows)
+        return 0
 
 
 def _calibrate(device: torch.device) -> float:
@@ -116,48 +113,6 @@ def _calibrate(device: torch.device) -> float:
         a @ b
     sync(device)
     return 3 * 2 * 1024 * 512 * 4096 / (time.perf_counter() - start)
-
-
-def _faiss_index(kind: str, d: int, gpu: bool):
-    """An empty FAISS flat inner-product index, fp32 ('flat') or fp16 ('fp16'), on the GPU or the CPU."""
-    import faiss
-
-    if gpu:
-        config = faiss.GpuIndexFlatConfig()
-        config.useFloat16 = kind == "fp16"
-        return faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), d, config)
-    if kind == "fp16":
-        return faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-    return faiss.IndexFlatIP(d)
-
-
-class _Plain:
-    """The bias-free references: plain FAISS flat indexes (fp32, fp16) and a one-piece torch matmul."""
-
-    def __init__(self, method: str, y: Tensor):
-        self.method, self.y = method, y
-        self.gpu = method.startswith("faiss") and y.device.type == "cuda" and _faiss_gpu()
-        self.where = "gpu" if (self.gpu or method == "torch-matmul") and y.device.type == "cuda" else "cpu"
-        if method.startswith("faiss"):
-            self.index = _faiss_index(method.split("-")[1], y.shape[1], self.gpu)
-            self.index.add(y.cpu().numpy())
-
-    def search(self, x: Tensor) -> Tensor:
-        if self.method.startswith("faiss"):
-            return torch.from_numpy(self.index.search(x.cpu().numpy(), 1)[1][:, 0])
-        return (x @ self.y.T).argmax(1)
-
-    def refresh(self, g: Tensor) -> float:
-        """Seconds of the rebuild an index without an editable bias needs for a new g."""
-        if not self.method.startswith("faiss"):
-            return float("nan")
-        start = time.perf_counter()
-        augmented = torch.cat([self.y, g[:, None]], 1).cpu().numpy()
-        index = _faiss_index(self.method.split("-")[1], augmented.shape[1], self.gpu)
-        index.add(augmented)
-        seconds = time.perf_counter() - start
-        del index, augmented
-        return seconds
 
 
 def _memory_gb(method: str, n: int, d: int, b: int, chunk: int) -> float:
@@ -225,8 +180,8 @@ def _predicted_seconds(method: str, search, x: Tensor, n: int, d: int, flops: fl
     return 2 * x.shape[0] * n * d / flops
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    """Run the grid of ``args`` (from ``parse_args``), printing one line per row; returns the rows."""
+def run(args: MatchBench) -> list[dict]:
+    """Run the grid of ``args``, printing one line per row; returns the rows."""
     device = torch.device(args.device)
     flops = _calibrate(device)
     print(
@@ -293,7 +248,7 @@ def _method_rows(
     answers: dict[int, Tensor],
     references: dict[tuple[int, bool], Tensor],
     flops: float,
-    args: argparse.Namespace,
+    args: MatchBench,
 ) -> list[dict]:
     """Build ``method``'s index over (y, g), then time it on the batch size of each row of ``fits``
     (filled in, printed and returned). ``answers`` and ``references`` cache sdfm-torch's answers and
@@ -309,7 +264,7 @@ def _method_rows(
         index.set_potential(g)
         search, where = index.search, device.type
     else:
-        index = _Plain(method, y)
+        index = PlainIndex(method, y)
         refresh = index.refresh(g)
         search, where = index.search, index.where
     build = time.perf_counter() - start
@@ -344,21 +299,3 @@ def _method_rows(
             f"{b / seconds:>10.0f} {1e3 * refresh:>10.2f} {util:>4.1f} {f64:>6} {agree:>6}"
         )
     return fits
-
-
-def main(argv: list[str]) -> int:
-    """Run the benchmark, print a table, optionally write JSON; returns the exit code."""
-    args = parse_args(argv)
-    set_threads(args.threads)
-    machine = machine_info() | {"device": args.device}
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
-    rows = run(args)
-    if args.json is not None:
-        write_json(args.json, machine, args, rows=rows)
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    raise SystemExit(main(sys.argv[1:]))

@@ -33,42 +33,62 @@ Run: ``sdfm bench potential`` (digits, 60 s per method), or e.g.
 
 from __future__ import annotations
 
-import argparse
-import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from sdfm.bench.common import machine_info, name_list, write_json
-from sdfm.errors import UserError
-from sdfm.semidiscrete import PCA, Chi2Evaluator, PotentialFitter
+from sdfm.bench.common import machine_info, write_json
+from sdfm.bench.peers import pot_semidiscrete
+from sdfm.semidiscrete import PCA, Chi2Evaluator, FitterOptions, PotentialFitter
 
 METHODS = ("sgd_ema", "averaged_sgd", "pot")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sdfm bench potential", description=__doc__.split("\n")[0])
-    p.add_argument("--data", choices=["digits", "fashion-mnist", "gaussian"], default="digits")
-    p.add_argument("--max-points", type=int, default=0, help="random subset of this many points (0: all)")
-    p.add_argument("--pca-dim", type=int, default=0, help="solve in the top principal components (0: no PCA)")
-    p.add_argument("--gaussian-n", type=int, default=5000, help="points of --data gaussian")
-    p.add_argument("--gaussian-d", type=int, default=64, help="dimension of --data gaussian")
-    p.add_argument("--methods", type=name_list, default=list(METHODS), help="sgd_ema, averaged_sgd, pot")
-    p.add_argument("--budget", type=float, default=60.0, help="wall-time seconds per method")
-    p.add_argument("--batch-size", type=int, default=1024, help="noise samples per step (all methods)")
-    p.add_argument("--epsilon", type=float, default=0.0, help="target entropic regularization")
-    p.add_argument("--eval-samples", type=int, default=8192, help="noise samples of the shared evaluator")
-    p.add_argument("--checkpoints", type=int, default=8, help="snapshots per sdfm run (times budget/2^k)")
-    p.add_argument("--target", type=float, default=0.05, help="χ̂² level whose first crossing is reported")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset and of each method's noise")
-    p.add_argument("--json", type=Path, default=None, help="write all rows to this JSON file")
-    return p
+@dataclass(kw_only=True)
+class PotentialBench:
+    """Fitting the semidiscrete potential: χ̂² against steps and wall time, sdfm beside POT."""
+
+    data: Literal["digits", "fashion-mnist", "gaussian"] = "digits"
+    """Dataset."""
+    max_points: int = 0
+    """Random subset of this many points (0: all)."""
+    pca_dim: int = 0
+    """Solve in the top principal components (0: no PCA)."""
+    gaussian_n: int = 5000
+    """Points of --data gaussian."""
+    gaussian_d: int = 64
+    """Dimension of --data gaussian."""
+    methods: list[Literal["sgd_ema", "averaged_sgd", "pot"]] = field(default_factory=lambda: list(METHODS))
+    """Methods to run."""
+    budget: float = 60.0
+    """Wall-time seconds per method."""
+    batch_size: int = 1024
+    """Noise samples per step (all methods)."""
+    epsilon: float = 0.0
+    """Target entropic regularization."""
+    eval_samples: int = 8192
+    """Noise samples of the shared evaluator."""
+    checkpoints: int = 8
+    """Snapshots per sdfm run (times budget/2^k)."""
+    target: float = 0.05
+    """χ̂² level whose first crossing is reported."""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)."""
+    seed: int = 0
+    """Seed of the subset and of each method's noise."""
+    json: Path | None = None
+    """Write all rows to this JSON file."""
+
+    def run(self) -> int:
+        """Run the benchmark, print a table, optionally write JSON; returns the exit code."""
+        return _main(self)
 
 
-def _load(args: argparse.Namespace) -> tuple[str, Tensor]:
+def _load(args: PotentialBench) -> tuple[str, Tensor]:
     """(name, (N, d) float32 points) of the requested data set."""
     from sdfm.data import files
 
@@ -87,10 +107,9 @@ def _load(args: argparse.Namespace) -> tuple[str, Tensor]:
     return args.data, y.contiguous().float()
 
 
-def _run_sdfm(method: str, keys: Tensor, args: argparse.Namespace) -> tuple[list[dict], list[Tensor], dict]:
-    fitter = PotentialFitter(
-        keys, method=method, epsilon=args.epsilon, batch_size=args.batch_size, seed=args.seed
-    )
+def _run_sdfm(method: str, keys: Tensor, args: PotentialBench) -> tuple[list[dict], list[Tensor], dict]:
+    options = FitterOptions(method=method, epsilon=args.epsilon, batch_size=args.batch_size, seed=args.seed)
+    fitter = PotentialFitter(keys, options)
     info = {"lr": fitter.lr, "eps0": fitter.eps0 if method == "averaged_sgd" else None}
     marks = [args.budget / 2**k for k in range(args.checkpoints - 1, -1, -1)]
     rows: list[dict] = []
@@ -107,55 +126,9 @@ def _run_sdfm(method: str, keys: Tensor, args: argparse.Namespace) -> tuple[list
     return rows, snaps, info
 
 
-def _run_pot(keys: Tensor, args: argparse.Namespace) -> tuple[list[dict], list[Tensor], dict]:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from ot.semidiscrete import solve_semidiscrete
-
-    n, p = keys.shape
-
-    def run(iters: int) -> tuple[Tensor, float]:
-        gen = torch.Generator().manual_seed(args.seed)
-        start = time.perf_counter()
-        g = solve_semidiscrete(
-            keys,
-            lambda b: torch.randn(b, p, generator=gen),
-            metric=lambda x, y: -(x @ y.T),  # dot cost: POT's score g - C is g + <x, y>, as in sdfm
-            reg=args.epsilon,
-            max_iter=iters,
-            batch_size=args.batch_size,
-        )
-        return g.float(), time.perf_counter() - start
-
-    rows: list[dict] = []
-    snaps: list[Tensor] = []
-    iters, seconds = 1, 0.0
-    while True:
-        g, seconds = run(iters)
-        rows.append({"steps": iters, "seconds": seconds})
-        snaps.append(g)
-        if 2 * seconds > args.budget:
-            break
-        iters *= 2
-    rate = iters / seconds
-    final = int(args.budget * rate * 0.95)
-    if final > iters:
-        g, seconds = run(final)
-        rows.append({"steps": final, "seconds": seconds})
-        snaps.append(g)
-    return rows, snaps, {"lr": math.sqrt(n * args.batch_size), "eps0": 0.1}
-
-
-def main(argv: list[str]) -> int:
-    """Run the benchmark, print a table, optionally write JSON; returns the exit code."""
-    args = _parser().parse_args(argv)
+def _main(args: PotentialBench) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    bad = [m for m in args.methods if m not in METHODS]
-    if bad:
-        raise UserError(f"unknown --methods {bad}; choose from {', '.join(METHODS)}")
     machine = machine_info()
     name, y = _load(args)
     keys, explained = y, 1.0
@@ -181,7 +154,9 @@ def main(argv: list[str]) -> int:
     results = []
     for method in args.methods:
         if method == "pot":
-            rows, snaps, info = _run_pot(keys, args)
+            rows, snaps, info = pot_semidiscrete(
+                keys, epsilon=args.epsilon, batch_size=args.batch_size, seed=args.seed, budget=args.budget
+            )
         else:
             rows, snaps, info = _run_sdfm(method, keys, args)
         for row, g in zip(rows, snaps, strict=True):
@@ -206,9 +181,3 @@ def main(argv: list[str]) -> int:
         data = {"name": name, "n": n, "d": y.shape[1], "pca_dim": args.pca_dim, "explained": explained}
         write_json(args.json, machine, args, data=data, chi2_zero=chi2_zero, methods=results)
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    raise SystemExit(main(sys.argv[1:]))

@@ -4,24 +4,26 @@ Fréchet distance (FD) for images, plus the normalized path energy (NPE).
 
 Usage:
   sdfm bench quality                                   # 2-D: 8gaussians, moons, moons->8gaussians
-  sdfm bench quality --tasks digits,digits-cond --couplings independent,exact,semidiscrete --dopri5
-  sdfm bench quality --tasks fashion-mnist,fashion-mnist-cond --couplings independent,exact,semidiscrete --dopri5
+  sdfm bench quality --tasks digits digits-cond --couplings independent exact semidiscrete --dopri5
+  sdfm bench quality --tasks fashion-mnist fashion-mnist-cond --couplings independent exact semidiscrete --dopri5
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from sdfm.config import Config, validate
 from sdfm.evaluate import LoadedRun, evaluate
 from sdfm.monitor import info
-from sdfm.train import Trainer, prepare_run_dir
+from sdfm.rundir import prepare_run_dir
+from sdfm.trainer import Trainer
 
 # name -> (data.name, data.source, conditional)
 TASKS = {
@@ -60,32 +62,49 @@ def task_config(
     return validate(cfg)
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="sdfm bench quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+TaskName = Literal[
+    "8gaussians", "moons", "moons-8gaussians", "digits", "digits-cond", "fashion-mnist", "fashion-mnist-cond"
+]
+
+
+@dataclass(kw_only=True)
+class QualityBench:
+    """The same model, steps and seeds trained with each coupling, then sample quality at each Euler
+    budget (and dopri5): W2 for 2-D tasks, classifier FD for images, and the path energy (NPE)."""
+
+    steps: int = 3000
+    """Training steps of every cell."""
+    batch_size: int = 256
+    """Global batch of every cell."""
+    seed: int = 0
+    """Seed of every cell."""
+    tasks: list[TaskName] = field(default_factory=lambda: ["8gaussians", "moons", "moons-8gaussians"])
+    """Tasks (rows of the table)."""
+    couplings: list[Literal["independent", "exact", "sinkhorn", "semidiscrete"]] = field(
+        default_factory=lambda: ["independent", "exact", "sinkhorn"]
     )
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tasks", default="8gaussians,moons,moons-8gaussians")
-    p.add_argument("--couplings", default="independent,exact,sinkhorn")
-    p.add_argument("--nfe", default="1,2,4,8")
-    p.add_argument("--dopri5", action="store_true", help="also evaluate dopri5")
-    p.add_argument(
-        "--potential-seconds",
-        type=float,
-        default=300.0,
-        help="time budget of each semidiscrete potential fit",
-    )
-    p.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
-    p.add_argument("--json", type=Path)
-    a = p.parse_args(argv)
-    nfe = [int(k) for k in a.nfe.split(",")]
+    """Couplings trained on every task."""
+    nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """Euler budgets evaluated."""
+    dopri5: bool = False
+    """Also evaluate dopri5."""
+    potential_seconds: float = 300.0
+    """Time budget of each semidiscrete potential fit."""
+    out: Path = Path("runs/bench-quality")
+    """Where the runs of the cells go."""
+    json: Path | None = None
+    """Write all rows to this JSON file."""
+
+    def run(self) -> int:
+        """Train and evaluate every cell, print the table, optionally write JSON."""
+        return _main(self)
+
+
+def _main(a: QualityBench) -> int:
+    nfe = a.nfe
     rows = []
-    for task in a.tasks.split(","):
-        if task not in TASKS:
-            raise SystemExit(f"error: unknown task '{task}'; choose from {', '.join(TASKS)}")
-        for coupling in a.couplings.split(","):
+    for task in a.tasks:
+        for coupling in a.couplings:
             cfg = task_config(task, coupling, a.steps, a.seed, a.batch_size, a.potential_seconds)
             run_dir = a.out / f"{task}-{coupling}"
             prepare_run_dir(run_dir, cfg, resume=False, overwrite=True)
@@ -100,7 +119,7 @@ def main(argv: list[str]) -> int:
                 model=trainer.ema.module.eval(),
                 step=trainer.step,
                 run_dir=run_dir,
-                potential=getattr(trainer.coupling, "g", None),
+                potential=trainer.potential,
             )
             res = evaluate(run, num_samples=cfg.eval.num_samples, nfe=nfe, dopri5=a.dopri5, log=info)
             metric = "fd" if run.data.is_image else "w2"
@@ -120,7 +139,7 @@ def main(argv: list[str]) -> int:
                 row[key] = r.get(metric)
                 if r["solver"] == "dopri5":
                     row["dopri5_nfe"] = r["nfe"]
-            if hasattr(trainer.coupling, "chi2"):  # how well the semidiscrete potential was fitted
+            if coupling == "semidiscrete":  # how well the semidiscrete potential was fitted
                 row["potential_chi2"] = trainer.coupling.chi2
             if "exact_velocity_gap" in res["flow"]:
                 row["velocity_gap"] = res["flow"]["exact_velocity_gap"]

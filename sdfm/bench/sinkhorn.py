@@ -42,97 +42,103 @@ solve over its iterations, median of the repeats), the share of it that the rank
 collectives (mean over ranks; it includes waiting for a slower rank), the time to all-gather the
 columns once (per batch, not per iteration), and the speed-up over the 1-rank row.
 
-Run: ``sdfm bench sinkhorn --sizes 1024,4096 --dims 2,64`` (or call ``main(argv)``), or
-``sdfm bench sinkhorn --sizes 4096 --dims 64 --backends torch --ranks 1,2``.
+Run: ``sdfm bench sinkhorn --sizes 1024 4096 --dims 2 64`` (or call ``SinkhornBench(...).run()``), or
+``sdfm bench sinkhorn --sizes 4096 --dims 64 --backends torch --ranks 1 2``.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import math
 import os
 import statistics
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from sdfm.bench.common import int_list, machine_info, name_list, set_threads, timed, triton_skip, write_json
-from sdfm.couplings.sinkhorn import cost_std, marginal_errors, sinkhorn
+from sdfm.bench.common import default_device, machine_info, set_threads, timed, triton_skip, write_json
+from sdfm.bench.peers import Method, Solve, flash_sinkhorn, geomloss_sinkhorn, pot_sinkhorn
 from sdfm.errors import UserError
-
-Solve = Callable[[int], tuple[Tensor, Tensor, int]]
-"""A method bound to its data: iteration budget -> (f (n,), g (m,), iterations it ran)."""
+from sdfm.ot.sinkhorn import SinkhornOptions, cost_std, marginal_errors, sinkhorn
 
 BACKENDS = ("torch", "keops", "triton")
 PEERS = ("pot", "geomloss", "flash")
 
 
-@dataclass
-class Method:
-    """A solver under test: ``make(x, y)`` binds it to data; ``fixed_iters`` if it obeys the budget;
-    ``f64`` names its float64 reference ('sdfm': ``reference_sinkhorn``, 'self': the method itself on
-    float64 inputs, None: none); ``unavailable`` says why it cannot run here."""
+@dataclass(kw_only=True)
+class SinkhornBench:
+    """Time per Sinkhorn iteration and marginal error, sdfm beside POT, GeomLoss and flash-sinkhorn
+    (with --ranks: the sharded solver on local gloo CPU ranks instead)."""
 
-    name: str
-    make: Callable[[Tensor, Tensor], Solve]
-    fixed_iters: bool
-    f64: str | None = "self"
-    unavailable: str | None = None
+    sizes: list[int] = field(default_factory=lambda: [1024, 4096])
+    """n (= m) of each problem."""
+    dims: list[int] = field(default_factory=lambda: [2, 64])
+    """Dimensions d."""
+    iters: int = 20
+    """Sinkhorn iterations per timed run."""
+    epsilon: float = 0.05
+    """Epsilon relative to std(C)."""
+    backends: list[Literal["torch", "keops", "triton"]] = field(default_factory=lambda: list(BACKENDS))
+    """sdfm backends to time."""
+    peers: list[Literal["pot", "geomloss", "flash", "none"]] = field(default_factory=lambda: list(PEERS))
+    """Peers to time beside them ('none': no peer)."""
+    scaling: float = 0.7
+    """GeomLoss eps-scaling factor."""
+    block_size: int = 4096
+    """Block size of the sdfm torch backend."""
+    repeats: int = 3
+    """Timed runs per method (median reported)."""
+    budget: float = 30.0
+    """Seconds of timed runs per method and size."""
+    probe: int = 0
+    """Points of the probe run (0: 1024, 8192 on CUDA)."""
+    no_f64: bool = False
+    """Skip the float64 reference (the f64 dev column)."""
+    device: str = field(default_factory=default_device)
+    """cpu or cuda."""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)."""
+    seed: int = 0
+    """Seed of the random data."""
+    json: Path | None = None
+    """Write all rows to this JSON file."""
+    ranks: list[int] = field(default_factory=list)
+    """Rank counts: time the sharded solver on that many gloo CPU ranks instead."""
+    timeout: float = 600.0
+    """Seconds allowed per sharded launch."""
 
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sdfm bench sinkhorn", description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", type=int_list, default=[1024, 4096], help="comma-separated n (= m)")
-    p.add_argument("--dims", type=int_list, default=[2, 64], help="comma-separated dimensions d")
-    p.add_argument("--iters", type=int, default=20, help="Sinkhorn iterations per timed run")
-    p.add_argument("--epsilon", type=float, default=0.05, help="epsilon relative to std(C)")
-    p.add_argument(
-        "--backends", type=name_list, default=list(BACKENDS), help="sdfm backends: " + ", ".join(BACKENDS)
-    )
-    p.add_argument("--peers", type=name_list, default=list(PEERS), help=", ".join(PEERS) + " or none")
-    p.add_argument("--scaling", type=float, default=0.7, help="GeomLoss eps-scaling factor")
-    p.add_argument("--block-size", type=int, default=4096, help="block size of the sdfm torch backend")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
-    p.add_argument("--budget", type=float, default=30.0, help="seconds of timed runs per method and size")
-    p.add_argument("--probe", type=int, default=0, help="points of the probe run (0: 1024, 8192 on CUDA)")
-    p.add_argument("--no-f64", action="store_true", help="skip the float64 reference (the f64 dev column)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random data")
-    p.add_argument("--json", type=Path, default=None, help="write all rows to this JSON file")
-    p.add_argument(
-        "--ranks",
-        type=int_list,
-        default=[],
-        help="comma-separated rank counts: time the sharded solver on that many gloo CPU ranks instead",
-    )
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per sharded launch")
-    return p
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """The benchmark's options (see ``sdfm bench sinkhorn --help``), checked."""
-    args = _parser().parse_args(argv)
-    bad = [b for b in args.backends if b not in BACKENDS] + [
-        p for p in args.peers if p not in (*PEERS, "none")
-    ]
-    if bad:
-        raise UserError(f"unknown --backends/--peers {bad}; choose from {BACKENDS} and {PEERS}")
-    return args
+    def run(self) -> int:
+        """Run the benchmark, print a table, optionally write JSON; returns the exit code."""
+        set_threads(self.threads)
+        machine = machine_info() | {"device": self.device}
+        print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
+        if self.ranks:
+            if min(self.ranks) < 1:
+                raise UserError(f"--ranks must be positive rank counts, got {self.ranks}")
+            print(
+                f"sharded sdfm sinkhorn on local gloo CPU ranks: epsilon={self.epsilon} (relative), "
+                f"iters={self.iters}, repeats<={self.repeats}, budget={self.budget:g} s, "
+                f"block_size={self.block_size}, sqeuclidean cost, fp32"
+            )
+            rows = _sharded(self)
+        else:
+            rows = run(self)
+        if self.json is not None:
+            write_json(self.json, machine, self, rows=rows)
+        return 0
 
 
 def _sdfm(epsilon: float, backend: str, block_size: int, device: torch.device) -> Method:
     def make(x: Tensor, y: Tensor) -> Solve:
         def solve(iters: int) -> tuple[Tensor, Tensor, int]:
-            r = sinkhorn(
-                x, y, epsilon=epsilon, backend=backend, max_iter=iters, tol=0.0, block_size=block_size
+            options = SinkhornOptions(
+                epsilon=epsilon, backend=backend, max_iter=iters, tol=0.0, block_size=block_size
             )
+            r = sinkhorn(x, y, options)
             return r.f, r.g, r.iters
 
         return solve
@@ -142,144 +148,32 @@ def _sdfm(epsilon: float, backend: str, block_size: int, device: torch.device) -
 
 
 def reference_sinkhorn(x: Tensor, y: Tensor, epsilon: float, iters: int, block: int = 4096) -> tuple:
-    """sdfm's iteration in float64: eps = epsilon * std(C), zero potentials, then ``iters`` times an
-    f-update and a g-update, blocked like the torch backend (``sinkhorn`` itself computes in fp32).
+    """sdfm's Sinkhorn loop (``sdfm.ot.sinkhorn.sinkhorn_loop``) in float64: eps = epsilon * std(C),
+    zero potentials, then ``iters`` times an f-update and a g-update (``sinkhorn`` itself computes
+    in fp32).
 
     Returns:
         (f (n,), g (m,), iters) float64, as a ``Solve`` does.
     """
-    eps = epsilon * cost_std(x, y)
-    x, y = x.double(), y.double()
-    shift = y.mean(0)  # the cost is translation invariant; small norms keep the expansion accurate
-    xs, ys = (x - shift) / math.sqrt(eps), (y - shift) / math.sqrt(eps)
-    hx, hy = 0.5 * xs.square().sum(1), 0.5 * ys.square().sum(1)
-
-    def lse(a: Tensor, b: Tensor, h: Tensor) -> Tensor:  # log sum_j exp(h_j + <a_i, b_j>)
-        out = a.new_empty(a.shape[0])
-        for i0 in range(0, a.shape[0], block):
-            s = torch.cat(
-                [
-                    torch.addmm(h[j : j + block], a[i0 : i0 + block], b[j : j + block].T).logsumexp(
-                        1, keepdim=True
-                    )
-                    for j in range(0, b.shape[0], block)
-                ],
-                1,
-            )
-            out[i0 : i0 + block] = s.logsumexp(1)
-        return out
-
-    F, G = xs.new_zeros(xs.shape[0]), ys.new_zeros(ys.shape[0])
-    for _ in range(iters):
-        F = math.log(ys.shape[0]) - (lse(xs, ys, G - hy) - hx)
-        G = math.log(xs.shape[0]) - (lse(ys, xs, F - hx) - hy)
-    return F * eps, G * eps, iters
+    options = SinkhornOptions(epsilon=epsilon, max_iter=iters, tol=0.0, block_size=block, precision="fp64")
+    r = sinkhorn(x, y, options)
+    return r.f, r.g, r.iters
 
 
-def _missing(module: str, package: str) -> str | None:
-    if importlib.util.find_spec(module) is None:
-        return f"not installed (pip install {package})"
-    return None
-
-
-def _pot(eps: float) -> Method:
-    name = "pot sinkhorn_log"
-    if reason := _missing("ot", "pot"):
-        return Method(name, lambda x, y: None, fixed_iters=True, unavailable=reason)
-    import ot
-
-    def make(x: Tensor, y: Tensor) -> Solve:
-        n, m = x.shape[0], y.shape[0]
-        a = torch.full((n,), 1 / n, dtype=x.dtype, device=x.device)
-        b = torch.full((m,), 1 / m, dtype=x.dtype, device=x.device)
-
-        def solve(iters: int) -> tuple[Tensor, Tensor, int]:
-            cost = 0.5 * torch.cdist(x, y).square()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "did not converge": expected with a fixed budget
-                _, log = ot.bregman.sinkhorn_log(a, b, cost, eps, numItermax=iters, stopThr=0.0, log=True)
-            # POT's plan is exp(u_i + v_j - C_ij / eps) = a_i b_j exp((f_i + g_j - C_ij) / eps).
-            return eps * (log["log_u"] - a.log()), eps * (log["log_v"] - b.log()), iters
-
-        return solve
-
-    return Method(name, make, fixed_iters=True)
-
-
-def _geomloss(eps: float, scaling: float, x: Tensor, y: Tensor) -> Method:
-    if reason := _missing("geomloss", "geomloss pykeops"):
-        return Method("geomloss", lambda x, y: None, fixed_iters=False, unavailable=reason)
-    from geomloss import SamplesLoss
-
-    # Private helper, used only to report GeomLoss's own iteration count.
-    from geomloss._legacy.sinkhorn_divergence import scaling_parameters
-
-    blur = math.sqrt(eps)  # GeomLoss: C = |x - y|^p / p and eps = blur^p
-    loss = SamplesLoss(
-        "sinkhorn", p=2, blur=blur, scaling=scaling, debias=False, potentials=True, backend="online"
-    )
-
-    def make(xs: Tensor, ys: Tensor) -> Solve:
-        its = len(scaling_parameters(xs, ys, 2, blur, None, None, scaling)[2])
-
-        def solve(iters: int) -> tuple[Tensor, Tensor, int]:
-            del iters  # GeomLoss follows its own schedule
-            f, g = loss(xs, ys)
-            return f.view(-1), g.view(-1), its
-
-        return solve
-
-    its = len(scaling_parameters(x, y, 2, blur, None, None, scaling)[2])
-    return Method(f"geomloss ({its} its, eps-scaling)", make, fixed_iters=False)
-
-
-def _flash(eps: float, device: torch.device) -> Method:
-    name = "flash-sinkhorn"
-    if reason := _missing("flash_sinkhorn", "flash-sinkhorn"):
-        return Method(name, lambda x, y: None, fixed_iters=True, f64=None, unavailable=reason)
-    if device.type != "cuda":
-        from importlib.metadata import version
-
-        reason = (
-            f"needs CUDA (flash-sinkhorn {version('flash-sinkhorn')} is installed; its kernels are CUDA-only)"
-        )
-        return Method(name, lambda x, y: None, fixed_iters=True, f64=None, unavailable=reason)
-    from flash_sinkhorn import SamplesLoss
-
-    def make(x: Tensor, y: Tensor) -> Solve:
-        def solve(iters: int) -> tuple[Tensor, Tensor, int]:
-            loss = SamplesLoss(
-                "sinkhorn",
-                backend="alternating",
-                use_epsilon_scaling=False,
-                eps=eps,
-                n_iters=iters,
-                half_cost=True,  # C = |x - y|^2 / 2, as here
-                potentials=True,
-                debias=False,
-            )
-            f, g = loss(x, y)
-            return f.view(-1), g.view(-1), iters
-
-        return solve
-
-    return Method(name, make, fixed_iters=True, f64=None)
-
-
-def methods(args: argparse.Namespace, x: Tensor, y: Tensor, eps: float) -> list[Method]:
+def methods(args: SinkhornBench, x: Tensor, y: Tensor, eps: float) -> list[Method]:
     """The sdfm backends and peers that ``args`` asks for, bound to eps (absolute) on (x, y)."""
     device = torch.device(args.device)
     out = [_sdfm(args.epsilon, backend, args.block_size, device) for backend in args.backends]
     if "pot" in args.peers:
-        out.append(_pot(eps))
+        out.append(pot_sinkhorn(eps))
     if "geomloss" in args.peers:
-        out.append(_geomloss(eps, args.scaling, x, y))
+        out.append(geomloss_sinkhorn(eps, args.scaling, x, y))
     if "flash" in args.peers:
-        out.append(_flash(eps, device))
+        out.append(flash_sinkhorn(eps, device))
     return out
 
 
-def _probe_size(args: argparse.Namespace, n: int) -> int:
+def _probe_size(args: SinkhornBench, n: int) -> int:
     return min(n, args.probe or (8192 if args.device.startswith("cuda") else 1024))
 
 
@@ -330,7 +224,7 @@ def _f64_deviation(
     return {"f64_dev": dev / eps, "f64_ref_n": n_ref}
 
 
-def _measure(method: Method, x: Tensor, y: Tensor, eps: float, args: argparse.Namespace, cache: dict) -> dict:
+def _measure(method: Method, x: Tensor, y: Tensor, eps: float, args: SinkhornBench, cache: dict) -> dict:
     """Warm up, probe, then time ``method`` on (x, y); a row for the table and the JSON file. A method
     that fails (a peer running out of GPU memory on its dense cost matrix) is a skipped row."""
     row: dict = {"n": x.shape[0], "d": x.shape[1], "method": method.name, "eps": eps}
@@ -344,7 +238,7 @@ def _measure(method: Method, x: Tensor, y: Tensor, eps: float, args: argparse.Na
         return row | {"skipped": f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"}
 
 
-def _timings(method: Method, x: Tensor, y: Tensor, eps: float, args: argparse.Namespace, cache: dict) -> dict:
+def _timings(method: Method, x: Tensor, y: Tensor, eps: float, args: SinkhornBench, cache: dict) -> dict:
     n = x.shape[0]
     method.make(x[:256].contiguous(), y[:256].contiguous())(1)  # compiles KeOps formulas for this d
     p = _probe_size(args, n)
@@ -381,7 +275,7 @@ def _timings(method: Method, x: Tensor, y: Tensor, eps: float, args: argparse.Na
     return row
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: SinkhornBench) -> list[dict]:
     """Time every method of ``args`` (from ``parse_args``) on every (n, d), printing one line per
     row; returns the rows."""
     device = torch.device(args.device)
@@ -419,11 +313,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _sharded_rank(rank: int, world: int, n: int, d: int, backend: str, args: argparse.Namespace) -> dict:
+def _sharded_rank(rank: int, world: int, n: int, d: int, backend: str, args: SinkhornBench) -> dict:
     """One rank of a sharded run (called by ``run_local``): warm up, probe, time; see ``_sharded``."""
     import torch.distributed as dist
 
-    from sdfm.distributed.sinkhorn import all_gather_rows, sharded_sinkhorn
+    from sdfm.distributed.collectives import all_gather_rows
+    from sdfm.distributed.sinkhorn import sharded_sinkhorn
 
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(n, d, generator=gen)
@@ -431,15 +326,10 @@ def _sharded_rank(rank: int, world: int, n: int, d: int, backend: str, args: arg
 
     def solve(rows: Tensor, cols: Tensor, iters: int):
         mine = torch.tensor_split(rows, world)[rank]
-        return sharded_sinkhorn(
-            mine,
-            cols,
-            epsilon=args.epsilon,
-            backend=backend,
-            max_iter=iters,
-            tol=0.0,
-            block_size=args.block_size,
+        options = SinkhornOptions(
+            epsilon=args.epsilon, backend=backend, max_iter=iters, tol=0.0, block_size=args.block_size
         )
+        return sharded_sinkhorn(mine, cols, options)
 
     def slowest(seconds: float) -> float:
         # Every rank must take the same decisions (skip, one more repeat), or the collectives hang.
@@ -470,14 +360,14 @@ def _sharded_rank(rank: int, world: int, n: int, d: int, backend: str, args: arg
         "comm_share": statistics.median(comm_share),
         "gather_s": gather_s,
         "threads": torch.get_num_threads(),
-        "f": result.f_local,
+        "f": result.f,
         "g": result.g,
         "eps": result.eps,
         "iters": result.iters,
     }
 
 
-def _sharded(args: argparse.Namespace) -> list[dict]:
+def _sharded(args: SinkhornBench) -> list[dict]:
     """Time ``sharded_sinkhorn`` on R local gloo ranks for every R in ``--ranks``; print the table."""
     from sdfm.distributed.spawn import run_local
 
@@ -499,7 +389,7 @@ def _sharded(args: argparse.Namespace) -> list[dict]:
                     print(f"{n:>6} {d:>4} {'':>5} {'':>6}  {backend:<12} skipped: {reason}")
                     continue
                 if backend == "keops":  # compile here once, not in every rank racing for the cache
-                    sinkhorn(x[:256], y[:256], backend="keops", max_iter=1)
+                    sinkhorn(x[:256], y[:256], SinkhornOptions(backend="keops", max_iter=1))
                 base = math.nan
                 for world in args.ranks:
                     threads = max(1, cores // world)
@@ -549,25 +439,3 @@ def _sharded(args: argparse.Namespace) -> list[dict]:
                         f"{row['speedup_vs_1_rank']:>7.2f}"
                     )
     return rows
-
-
-def main(argv: list[str]) -> int:
-    """Run the benchmark, print a table, optionally write JSON; returns the exit code."""
-    args = parse_args(argv)
-    set_threads(args.threads)
-    machine = machine_info() | {"device": args.device}
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
-    if args.ranks:
-        if min(args.ranks) < 1:
-            raise UserError(f"--ranks must be positive rank counts, got {args.ranks}")
-        print(
-            f"sharded sdfm sinkhorn on local gloo CPU ranks: epsilon={args.epsilon} (relative), "
-            f"iters={args.iters}, repeats<={args.repeats}, budget={args.budget:g} s, "
-            f"block_size={args.block_size}, sqeuclidean cost, fp32"
-        )
-        rows = _sharded(args)
-    else:
-        rows = run(args)
-    if args.json is not None:
-        write_json(args.json, machine, args, rows=rows)
-    return 0

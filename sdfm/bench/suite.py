@@ -34,17 +34,18 @@ Run: ``sdfm bench suite --workload cpu --threads 1`` (or ``--workload gpu`` on a
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from sdfm.bench import match, sinkhorn
-from sdfm.bench.common import machine_info, set_threads, sync, timed, write_json
+from sdfm.bench.common import default_device, machine_info, set_threads, sync, timed, write_json
 
 GPU_BF16_PEAK = (
     ("H100 PCIe", 756e12),
@@ -133,16 +134,29 @@ WORKLOADS = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sdfm bench suite", description=__doc__.split("\n")[0])
-    p.add_argument("--workload", choices=list(WORKLOADS), default="cpu", help="named sizes (see above)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch and FAISS CPU threads (0: their default)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
-    p.add_argument("--budget", type=float, default=0.0, help="seconds per measurement (0: the workload's)")
-    p.add_argument("--f64-check", type=int, default=256, help="matching queries checked against float64")
-    p.add_argument("--json", type=Path, default=None, help="default: runs/bench/suite-WORKLOAD.json")
-    return p
+@dataclass(kw_only=True)
+class SuiteBench:
+    """Named workloads that put sdfm's Sinkhorn and matching beside their peers, with TFLOP/s, the share
+    of the hardware peak, the error against float64, the ratio to every peer, and the goals."""
+
+    workload: Literal["gpu", "cpu", "toy"] = "cpu"
+    """Named sizes (see the module docstring)."""
+    device: str = field(default_factory=default_device)
+    """cpu or cuda."""
+    threads: int = 0
+    """torch and FAISS CPU threads (0: their default)."""
+    repeats: int = 3
+    """Timed runs per measurement (median reported)."""
+    budget: float = 0.0
+    """Seconds per measurement (0: the workload's)."""
+    f64_check: int = 256
+    """Matching queries checked against float64."""
+    json: Path | None = None
+    """Default: runs/bench/suite-WORKLOAD.json."""
+
+    def run(self) -> int:
+        """Run the named workload, print the tables and goals, write JSON; returns the exit code."""
+        return _main(self)
 
 
 def device_peak(device: torch.device, size: int) -> tuple[float, str]:
@@ -167,13 +181,20 @@ def _peers_of(rows: list[dict], peers: tuple[str, ...], key: str) -> dict[str, d
     return {r["method"]: r for r in rows if r["method"].split(" ")[0] in peers and key in r}
 
 
-def _sinkhorn_rows(w: Workload, args: argparse.Namespace, peak: float) -> list[dict]:
+def _sinkhorn_rows(w: Workload, args: SuiteBench, peak: float) -> list[dict]:
     rows: list[dict] = []
     for n, d in w.sinkhorn:
-        argv = ["--sizes", str(n), "--dims", str(d), "--iters", str(w.iters)]
-        argv += ["--backends", ",".join(w.backends), "--peers", ",".join(w.peers)]
-        argv += ["--budget", str(args.budget), "--repeats", str(args.repeats), "--device", args.device]
-        group = sinkhorn.run(sinkhorn.parse_args(argv))
+        options = sinkhorn.SinkhornBench(
+            sizes=[n],
+            dims=[d],
+            iters=w.iters,
+            backends=list(w.backends),
+            peers=list(w.peers),
+            budget=args.budget,
+            repeats=args.repeats,
+            device=args.device,
+        )
+        group = sinkhorn.run(options)
         for r in group:
             if "s_per_iter" in r:
                 r["tflops"] = 4 * n * n * d / r["s_per_iter"] / 1e12
@@ -188,12 +209,18 @@ def _sinkhorn_rows(w: Workload, args: argparse.Namespace, peak: float) -> list[d
     return rows
 
 
-def _match_rows(w: Workload, args: argparse.Namespace, peak: float) -> list[dict]:
-    argv = ["--N", ",".join(map(str, w.match_n)), "--d", str(w.match_d)]
-    argv += ["--B", ",".join(map(str, w.match_b)), "--budget", str(args.budget)]
-    argv += ["--repeats", str(args.repeats), "--mem-gb", str(w.mem_gb), "--device", args.device]
-    argv += ["--f64-check", str(args.f64_check)]
-    rows = match.run(match.parse_args(argv))
+def _match_rows(w: Workload, args: SuiteBench, peak: float) -> list[dict]:
+    options = match.MatchBench(
+        N=list(w.match_n),
+        d=[w.match_d],
+        B=list(w.match_b),
+        budget=args.budget,
+        repeats=args.repeats,
+        mem_gb=w.mem_gb,
+        device=args.device,
+        f64_check=args.f64_check,
+    )
+    rows = match.run(options)
     for r in rows:
         if "seconds" in r:
             r["tflops"] = 2 * r["B"] * r["N"] * r["d"] / r["seconds"] / 1e12
@@ -397,11 +424,9 @@ def _print_tables(
         print(f"{g['goal']:<{width}}  {g['status']:<16}  {g['measured']}")
 
 
-def main(argv: list[str]) -> int:
-    """Run the named workload, print the tables and goals, write JSON; returns the exit code."""
-    args = _parser().parse_args(argv)
-    w = WORKLOADS[args.workload]
-    args.budget = args.budget or w.budget
+def _main(options: SuiteBench) -> int:
+    w = WORKLOADS[options.workload]
+    args = dataclasses.replace(options, budget=options.budget or w.budget)
     set_threads(args.threads)
     device = torch.device(args.device)
     machine = machine_info() | {"device": str(device)}

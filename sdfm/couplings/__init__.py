@@ -1,19 +1,23 @@
 """Couplings: how a batch of noise is paired with data (independent, exact OT, entropic Sinkhorn,
-semidiscrete OT against the whole dataset)."""
+semidiscrete OT against the whole dataset). Single-process library code: the data-parallel form of
+each coupling is decided in one place, ``sdfm.distributed.couplings.rank_coupling``."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
 from sdfm.config import CouplingConfig, PotentialConfig
-from sdfm.couplings.base import Coupling, Pairs
+from sdfm.couplings.base import Coupling, MinibatchCoupling, Pairs, class_blocks
 from sdfm.couplings.exact import ExactOTCoupling
 from sdfm.couplings.independent import IndependentCoupling
-from sdfm.couplings.sinkhorn import SinkhornCoupling, SinkhornResult, sinkhorn
+from sdfm.couplings.semidiscrete import SemidiscreteCoupling
+from sdfm.couplings.sinkhorn import SinkhornCoupling
 from sdfm.errors import UserError
+from sdfm.ot.sinkhorn import SinkhornOptions
 
 if TYPE_CHECKING:
     from sdfm.data import Dataset
@@ -22,14 +26,23 @@ __all__ = [
     "Coupling",
     "ExactOTCoupling",
     "IndependentCoupling",
+    "MinibatchCoupling",
     "Pairs",
+    "SemidiscreteCoupling",
     "SinkhornCoupling",
-    "SinkhornResult",
     "build_coupling",
-    "sinkhorn",
+    "class_blocks",
+    "sinkhorn_options",
 ]
 
 KINDS = ("independent", "exact", "sinkhorn", "semidiscrete")
+
+
+def sinkhorn_options(cfg: CouplingConfig) -> SinkhornOptions:
+    """The solver settings of a [coupling] config: every ``SinkhornOptions`` field the config has, by
+    name (so a new solver setting is one field here and one documented key in the config)."""
+    names = [f.name for f in dataclasses.fields(SinkhornOptions) if hasattr(cfg, f.name)]
+    return SinkhornOptions(**{name: getattr(cfg, name) for name in names})
 
 
 def build_coupling(
@@ -39,24 +52,19 @@ def build_coupling(
     dataset: Dataset | None = None,
     potential: PotentialConfig | None = None,
     warn: Callable[[str], None] = print,
-    sharded: bool = False,
     device: torch.device | None = None,
     index=None,
 ) -> Coupling:
-    """The coupling that ``cfg.kind`` names; ``per_class`` keeps pairs within a class.
+    """The single-process coupling that ``cfg.kind`` names; ``per_class`` keeps pairs within a class.
 
     The semidiscrete coupling matches against the whole ``dataset`` with the ``potential`` settings
     (both required for it); ``warn`` receives its one-line warnings (stale or rejected snapshots).
-    ``sharded``: the Sinkhorn coupling of the global batch of a data-parallel job, solved jointly by
-    the ranks of the default process group (``sdfm.distributed.sinkhorn``). ``device``: where the
-    semidiscrete coupling's matching index lives (default: the dataset's device); ``index``: a
-    prebuilt matching index for it (the sharded one of a data-parallel job).
+    ``device``: where the semidiscrete coupling's matching index lives (default: the dataset's
+    device); ``index``: a prebuilt matching index for it (the sharded one of a data-parallel job).
     """
     if cfg.kind == "semidiscrete":
         if dataset is None or potential is None:
             raise ValueError("the semidiscrete coupling needs the dataset and the [potential] config")
-        from sdfm.couplings.semidiscrete import SemidiscreteCoupling
-
         return SemidiscreteCoupling(
             dataset.x,
             dataset.labels,
@@ -72,21 +80,6 @@ def build_coupling(
     if cfg.kind == "exact":
         return ExactOTCoupling(cost=cfg.cost, per_class=per_class)
     if cfg.kind == "sinkhorn":
-        if sharded:
-            from sdfm.distributed.sinkhorn import ShardedSinkhornCoupling as cls
-        else:
-            cls = SinkhornCoupling
-        return cls(
-            epsilon=cfg.epsilon,
-            cost=cfg.cost,
-            backend=cfg.backend,
-            max_iter=cfg.max_iter,
-            tol=cfg.tol,
-            check_every=cfg.check_every,
-            warm_start=cfg.warm_start,
-            anneal_from=cfg.anneal_from,
-            block_size=cfg.block_size,
-            per_class=per_class,
-        )
+        return SinkhornCoupling(sinkhorn_options(cfg), warm_start=cfg.warm_start, per_class=per_class)
     choices = ", ".join(repr(k) for k in KINDS)
     raise UserError(f"coupling.kind = {cfg.kind!r} is not a known choice; use one of {choices}")

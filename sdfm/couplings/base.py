@@ -1,4 +1,10 @@
-"""The coupling interface: how a batch of source samples is paired with target samples."""
+"""The coupling interface: how a batch of source samples is paired with target samples.
+
+Two kinds share it. A minibatch coupling (``MinibatchCoupling``: independent, exact OT, Sinkhorn)
+pairs x0 with a permutation or a sample of the target batch it is given. A dataset-level coupling
+(the semidiscrete one) pairs x0 with points of the whole dataset and uses the batch only for its
+labels. Both answer ``pair``; only minibatch couplings have ``match``.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +23,8 @@ class Pairs:
         x0: (B, *shape) source samples.
         x1: (B, *shape) target samples paired with x0 row by row.
         labels: (B,) int64 class of each x1, or None for unlabeled data.
-        index: (B,) int64 position of each x1 in the target batch (minibatch couplings) or in the
-            dataset (dataset-level couplings).
+        index: (B,) int64 position of each x1 in the target batch (minibatch couplings; the global
+            batch in a data-parallel job) or in the dataset (dataset-level couplings).
     """
 
     x0: Tensor
@@ -30,41 +36,17 @@ class Pairs:
 class Coupling(ABC):
     """Pairs source samples x0 with target samples.
 
-    Minibatch couplings implement ``match``: given x0 and a target batch x1 of the same size, return
-    for each row of x0 the index of its partner in x1. ``pair`` wraps that, and when labels are given
-    and ``per_class`` is set it matches within each class only, so pairs never cross classes (x0 is
-    i.i.d. noise, so splitting it into groups of the classes' sizes changes nothing about its law).
-
-    Dataset-level couplings (the semidiscrete one) override ``pair`` and ignore the target batch
-    except for its size. Couplings with state that must survive a resume (warm-start potentials)
-    expose it through ``state_dict``/``load_state_dict``; ``stats`` reports the last call's
-    diagnostics (iterations, marginal error, ...) for logging.
+    Couplings with state that must survive a resume (warm-start potentials, a dual potential) expose
+    it through ``state_dict``/``load_state_dict``; ``stats`` reports the last call's diagnostics
+    (iterations, marginal error, ...) for logging; ``poll`` picks up state published from outside.
     """
 
     per_class: bool = False
 
     @abstractmethod
-    def match(self, x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
-        """Return (B,) int64 indices into x1, one partner per row of x0 (B = len(x0) = len(x1))."""
-
     def pair(self, x0: Tensor, x1: Tensor, labels: Tensor | None, generator: torch.Generator) -> Pairs:
-        """Pair x0 (B, *shape) with x1 (B, *shape) (and its labels (B,)) row by row."""
-        if x0.shape[0] != x1.shape[0]:
-            raise ValueError(f"x0 has {x0.shape[0]} rows but x1 has {x1.shape[0]}")
-        if labels is None or not self.per_class:
-            index = self.match(x0.flatten(1), x1.flatten(1), generator)
-        else:
-            index = torch.empty(x1.shape[0], dtype=torch.long, device=x1.device)
-            order = torch.argsort(labels, stable=True)
-            start = 0
-            for count in torch.bincount(labels[order]).tolist():
-                if count == 0:
-                    continue
-                rows = order[start : start + count]  # x0 rows and x1 rows of this class
-                local = self.match(x0[rows].flatten(1), x1[rows].flatten(1), generator)
-                index[rows] = rows[local]
-                start += count
-        return Pairs(x0=x0, x1=x1[index], labels=None if labels is None else labels[index], index=index)
+        """Pair x0 (B, *shape) with targets; x1 (B, *shape) is the target batch and labels (B,) its
+        classes (or None). ``generator`` is the only source of randomness."""
 
     def poll(self) -> bool:
         """Called at every step boundary: pick up state published from outside (a new dual potential
@@ -80,3 +62,45 @@ class Coupling(ABC):
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         del state
+
+
+def class_blocks(labels: Tensor | None, n: int) -> list[Tensor]:
+    """Row ids of each class present in ``labels`` (n,), increasing within a class, classes by value;
+    one block of all n rows when ``labels`` is None. The per-class grouping of every minibatch coupling,
+    single-process and sharded alike."""
+    if labels is None:
+        return [torch.arange(n)]
+    order = torch.argsort(labels, stable=True)
+    blocks, start = [], 0
+    for count in torch.bincount(labels[order]).tolist():
+        if count:
+            blocks.append(order[start : start + count])
+            start += count
+    return blocks
+
+
+class MinibatchCoupling(Coupling):
+    """A coupling of x0 with the target batch, through ``match``.
+
+    ``match(x0, x1, generator)`` returns for each row of x0 the index of its partner in x1 (same
+    size). ``pair`` wraps it; when labels are given and ``per_class`` is set it matches within each
+    class only, so pairs never cross classes (x0 is i.i.d. noise, so splitting it into groups of the
+    classes' sizes changes nothing about its law).
+    """
+
+    @abstractmethod
+    def match(self, x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
+        """Return (B,) int64 indices into x1, one partner per row of x0 (B = len(x0) = len(x1))."""
+
+    def pair(self, x0: Tensor, x1: Tensor, labels: Tensor | None, generator: torch.Generator) -> Pairs:
+        """Pair x0 (B, *shape) with x1 (B, *shape) (and its labels (B,)) row by row."""
+        if x0.shape[0] != x1.shape[0]:
+            raise ValueError(f"x0 has {x0.shape[0]} rows but x1 has {x1.shape[0]}")
+        if labels is None or not self.per_class:
+            index = self.match(x0.flatten(1), x1.flatten(1), generator)
+        else:
+            index = torch.empty(x1.shape[0], dtype=torch.long, device=x1.device)
+            for rows in class_blocks(labels, x1.shape[0]):  # x0 rows and x1 rows of this class
+                local = self.match(x0[rows].flatten(1), x1[rows].flatten(1), generator)
+                index[rows] = rows[local]
+        return Pairs(x0=x0, x1=x1[index], labels=None if labels is None else labels[index], index=index)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sdfm.couplings.base import Coupling
+from sdfm.couplings.base import MinibatchCoupling
 
 
-class IndependentCoupling(Coupling):
+class IndependentCoupling(MinibatchCoupling):
     """Pair x0 with a random permutation of the target batch, drawn from the caller's generator."""
 
     def __init__(self, *, per_class: bool = False) -> None:

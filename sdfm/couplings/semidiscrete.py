@@ -20,12 +20,8 @@ from torch import Tensor
 from sdfm.config import PotentialConfig
 from sdfm.couplings.base import Coupling, Pairs
 from sdfm.errors import UserError
-from sdfm.semidiscrete import MatchIndex, Potential, load_potential
-
-
-def snapshot_path(run_dir: Path) -> Path:
-    """Where the worker publishes the newest potential of a run."""
-    return Path(run_dir) / "potential" / "latest.safetensors"
+from sdfm.semidiscrete.index import MatchIndex
+from sdfm.semidiscrete.potential_file import Potential, load_potential
 
 
 class SnapshotWatcher:
@@ -67,7 +63,7 @@ class SemidiscreteCoupling(Coupling):
         warn: receives one-line warnings.
         device: where the matching index lives (default: y's device); pairs come back on x0's.
         index: a prebuilt index with ``search`` and ``set_potential`` over the same points (e.g. a
-            sharded one, ``sdfm.distributed.couplings.ShardedIndexView``); default: a ``MatchIndex``.
+            sharded one, built by ``sdfm.distributed``); default: a ``MatchIndex``.
     """
 
     def __init__(
@@ -137,9 +133,6 @@ class SemidiscreteCoupling(Coupling):
         return False
 
     # ------------------------------------------------------------------------------------ coupling
-
-    def match(self, x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
-        raise NotImplementedError("the semidiscrete coupling matches against the dataset: use pair()")
 
     def pair(self, x0: Tensor, x1: Tensor, labels: Tensor | None, generator: torch.Generator) -> Pairs:
         """Match each x0 (B, *shape) to a data point; the batch x1 is only used for its labels, which

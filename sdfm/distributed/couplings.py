@@ -1,24 +1,72 @@
-"""Couplings of the global batch of a data-parallel step.
+"""The data-parallel form of every coupling, decided in one place: ``rank_coupling``.
 
 Each rank holds its rows of the global batch (rank r: rows [r b, (r + 1) b), b = batch / ranks).
 
-- ``GatheredCoupling`` (independent, exact OT): every rank gathers all rows, runs the single-process
+- ``ReplicatedCoupling`` (independent, exact OT): every rank gathers all rows, runs the single-process
   coupling on the whole batch with the step's shared generator, and keeps the pairs of its own rows,
   so the pairs are exactly those of a single process. Each rank repeats the same small solve
-  (exact OT is for n up to a few thousand); the large-batch case is ``ShardedSinkhornCoupling``.
-- ``SharedPotentialCoupling`` (semidiscrete): rows are matched locally against the whole dataset; only
-  rank 0 watches for potentials published by the worker, and a new one is broadcast to all ranks at
-  a step boundary, so the worker needs no shared filesystem with the other nodes.
+  (exact OT is for n up to a few thousand).
+- ``ShardedSinkhornCoupling`` (Sinkhorn, ``sdfm.distributed.sinkhorn``): the ranks solve the global
+  problem jointly, each for its own rows.
+- ``SharedPotentialCoupling`` (semidiscrete): rows are matched locally against the whole dataset (or
+  a sharded index, ``potential.shard_index``); only rank 0 watches for potentials published by the
+  worker, and a new one is broadcast to all ranks at a step boundary, so the worker needs no shared
+  filesystem with the other nodes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from sdfm.couplings.base import Coupling, Pairs
+from sdfm.config import Config
+from sdfm.couplings import Coupling, MinibatchCoupling, Pairs, SinkhornCoupling, build_coupling
+from sdfm.couplings.semidiscrete import SemidiscreteCoupling
+from sdfm.data import Dataset
+from sdfm.distributed.collectives import GroupCollectives
 from sdfm.distributed.env import ProcessGroup
+from sdfm.distributed.matching import ShardedMatchIndex
+from sdfm.distributed.sinkhorn import ShardedSinkhornCoupling
+
+__all__ = ["ReplicatedCoupling", "SharedPotentialCoupling", "rank_coupling", "shard_rows"]
+
+
+def rank_coupling(
+    cfg: Config, data: Dataset, pg: ProcessGroup, device: torch.device, warn: Callable[[str], None]
+) -> Coupling:
+    """This rank's coupling of the global batch: the single-process coupling of ``cfg.coupling`` for
+    one process, else its data-parallel form (see the module docstring). The trainer's one call."""
+    kind, conditional = cfg.coupling.kind, cfg.data.conditional
+    index = None
+    if kind == "semidiscrete" and cfg.potential.shard_index and pg.env.distributed:
+        rows = shard_rows(len(data), pg.env.rank, pg.env.world_size)
+        labels = data.labels[rows] if conditional else None
+        sharded = ShardedMatchIndex(
+            data.x[rows].flatten(1), labels=labels, backend=cfg.potential.index, device=device
+        )
+        index = ShardedIndexView(sharded)
+    coupling = build_coupling(
+        cfg.coupling,
+        per_class=conditional,
+        dataset=data,
+        potential=cfg.potential,
+        warn=warn,
+        device=device,
+        index=index,
+    )
+    if not pg.env.distributed:
+        return coupling
+    if isinstance(coupling, SemidiscreteCoupling):
+        return SharedPotentialCoupling(coupling, pg)
+    if isinstance(coupling, SinkhornCoupling):
+        return ShardedSinkhornCoupling(coupling, GroupCollectives(None, pg.flag_device))
+    if isinstance(coupling, MinibatchCoupling):
+        return ReplicatedCoupling(coupling, pg.env.rank, device)
+    raise TypeError(f"no data-parallel form for {type(coupling).__name__}")
 
 
 def gather_rows(x: Tensor) -> Tensor:
@@ -28,12 +76,19 @@ def gather_rows(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+def shard_rows(n: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous share of n rows (the first n % world ranks get one more)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
 class ShardedIndexView:
     """The part of ``MatchIndex`` that ``SemidiscreteCoupling`` uses (``search``, ``set_potential``),
     over a ``ShardedMatchIndex``: each rank holds a contiguous N / W of the points, and every search
     is a collective of all ranks."""
 
-    def __init__(self, sharded):
+    def __init__(self, sharded: ShardedMatchIndex):
         self.sharded = sharded
 
     def search(self, x: Tensor, query_labels: Tensor | None = None) -> Tensor:
@@ -45,32 +100,8 @@ class ShardedIndexView:
         self.sharded.set_potential(g)
 
 
-def shard_rows(n: int, rank: int, world: int) -> slice:
-    """Rank ``rank``'s contiguous share of n rows (the first n % world ranks get one more)."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (rank < extra))
-
-
-class _RankCoupling(Coupling):
-    """A rank's view of a single-process coupling ``inner``: diagnostics and state are the inner's."""
-
-    def __init__(self, inner: Coupling):
-        self.inner = inner
-        self.per_class = inner.per_class
-
-    def stats(self) -> dict[str, float]:
-        return self.inner.stats()
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.inner.load_state_dict(state)
-
-
-class GatheredCoupling(_RankCoupling):
-    """A minibatch coupling solved on the gathered global batch (see the module docstring).
+class ReplicatedCoupling(Coupling):
+    """A minibatch coupling solved on the gathered global batch by every rank (module docstring).
 
     Args:
         inner: the single-process coupling.
@@ -78,12 +109,9 @@ class GatheredCoupling(_RankCoupling):
         device: where to gather (CUDA tensors for NCCL, CPU for gloo).
     """
 
-    def __init__(self, inner: Coupling, rank: int, device: torch.device):
-        super().__init__(inner)
-        self.rank, self.device = rank, device
-
-    def match(self, x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
-        raise NotImplementedError("GatheredCoupling pairs the global batch: use pair()")
+    def __init__(self, inner: MinibatchCoupling, rank: int, device: torch.device):
+        self.inner, self.rank, self.device = inner, rank, device
+        self.per_class = inner.per_class
 
     def pair(self, x0: Tensor, x1: Tensor, labels: Tensor | None, generator: torch.Generator) -> Pairs:
         b, home = x0.shape[0], x0.device
@@ -99,40 +127,82 @@ class GatheredCoupling(_RankCoupling):
             index=full.index[rows],
         )
 
+    def stats(self) -> dict[str, float]:
+        return self.inner.stats()
 
-class SharedPotentialCoupling(_RankCoupling):
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.inner.load_state_dict(state)
+
+
+class SharedPotentialCoupling(Coupling):
     """The semidiscrete coupling of one rank, with the potential kept equal on all ranks.
+
+    Offers the potential interface of ``SemidiscreteCoupling`` (``set_potential``, ``watch``, ``g``,
+    ``version``, ``chi2``): rank 0 sets or watches the potential, and ``poll`` (every step boundary,
+    and once after the potential is first set) gives every rank rank 0's potential whenever its
+    version changed.
 
     Args:
         inner: this rank's ``SemidiscreteCoupling`` (full dataset, full potential).
         pg: the job's process groups; rank 0 is the one that watches the worker's snapshots.
     """
 
-    def __init__(self, inner: Coupling, pg: ProcessGroup):
-        super().__init__(inner)
-        self.pg = pg
+    def __init__(self, inner: SemidiscreteCoupling, pg: ProcessGroup):
+        self.inner, self.pg = inner, pg
+        self.per_class = inner.per_class
+        self._shared_version = inner.version
 
-    def __getattr__(self, name: str):
-        # watch, set_potential, g, version, ... of the semidiscrete coupling
-        return getattr(self.inner, name)
+    @property
+    def g(self) -> Tensor:
+        return self.inner.g
 
-    def match(self, x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
-        return self.inner.match(x0, x1, generator)
+    @property
+    def version(self) -> int:
+        return self.inner.version
+
+    @property
+    def chi2(self) -> float:
+        return self.inner.chi2
+
+    def set_potential(
+        self, g: Tensor, version: int, chi2: float = float("nan"), published_at: float | None = None
+    ) -> None:
+        """This rank's potential (call it on rank 0; ``poll`` shares it)."""
+        self.inner.set_potential(g, version, chi2, published_at)
+
+    def watch(self, path: Path) -> None:
+        """Rank 0 watches the worker's snapshots (the other ranks never read the file)."""
+        if self.pg.env.is_main:
+            self.inner.watch(path)
 
     def pair(self, x0: Tensor, x1: Tensor, labels: Tensor | None, generator: torch.Generator) -> Pairs:
         return self.inner.pair(x0, x1, labels, generator)
 
     def poll(self) -> bool:
         """Rank 0 polls the worker's snapshot; a new potential reaches every rank (a collective)."""
-        changed = self.pg.any(self.inner.poll() if self.pg.env.is_main else False)
-        if changed:
-            self.share()
-        return changed
-
-    def share(self) -> None:
-        """Give every rank rank 0's potential."""
+        changed = False
+        if self.pg.env.is_main:
+            self.inner.poll()
+            changed = self.inner.version != self._shared_version
+        if not self.pg.any(changed):
+            return False
         inner = self.inner
         msg = (inner.g, inner.version, inner.chi2, inner.published_at) if self.pg.env.is_main else None
         g, version, chi2, published_at = self.pg.broadcast_object(msg)
         if not self.pg.env.is_main:
             inner.set_potential(g, version, chi2, published_at)
+        self._shared_version = version
+        return True
+
+    def stats(self) -> dict[str, float]:
+        return self.inner.stats()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.inner.load_state_dict(state)
+        self._shared_version = self.inner.version

@@ -1,4 +1,4 @@
-"""Semidiscrete matching (DESIGN.md §5) against a dataset split across the ranks of a process group.
+"""Semidiscrete matching (docs/design.md §5) against a dataset split across the ranks of a process group.
 
 Rank r holds a contiguous shard of the N data points, global ids offset_r .. offset_r + N_r - 1 in
 rank order, and the matching slice of the dual potential g, in a ``MatchIndex`` over its shard
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from sdfm.distributed.sinkhorn import CommClock, _agree, _exchange, all_gather_rows
+from sdfm.distributed.collectives import GroupCollectives, agree
 from sdfm.errors import UserError
 from sdfm.semidiscrete.index import Backend, MatchIndex
 
@@ -92,15 +92,12 @@ class ShardedMatchIndex:
         elif labels is not None and tuple(labels.shape) != (y_shard.shape[0],):
             problem = f"labels have shape {tuple(labels.shape)} but the shard has {y_shard.shape[0]} points"
         dim = y_shard.flatten(1).shape[1] if problem is None else -1
-        table = _exchange(
-            [y_shard.shape[0] if problem is None else 0, dim, labels is not None],
-            problem,
-            group,
-            y_shard.device,
-            error=UserError,
+        comm = GroupCollectives(group, y_shard.device)
+        table = comm.exchange(
+            [y_shard.shape[0] if problem is None else 0, dim, labels is not None], problem, UserError
         )
-        _agree(table, 1, "the dimension of the data points", UserError)
-        _agree(table, 2, "whether the data has labels", UserError)
+        agree(table, 1, "the dimension of the data points", UserError)
+        agree(table, 2, "whether the data has labels", UserError)
         self.counts = [int(c) for c in table[:, 0].tolist()]
         self.offsets = [sum(self.counts[:r]) for r in range(len(self.counts))]
         self.rank = dist.get_rank(group)
@@ -180,7 +177,7 @@ class ShardedMatchIndex:
             UserError: on every rank, when any rank's queries are malformed or a query's class has no
                 point on any rank.
         """
-        clock = CommClock()
+        comm = GroupCollectives(self.group, x_local.device)
         device = x_local.device
         problem = None
         if x_local.dim() != 2 or x_local.shape[1] != self.dim:
@@ -191,17 +188,17 @@ class ShardedMatchIndex:
             problem = "query_labels given but the index was built without labels"
         elif query_labels is not None and tuple(query_labels.shape) != (x_local.shape[0],):
             problem = f"query_labels have shape {tuple(query_labels.shape)}; expected ({x_local.shape[0]},)"
-        _exchange([], problem, self.group, device, clock, error=UserError)
-        queries = all_gather_rows(x_local.float(), self.group, clock)
+        comm.exchange([], problem, UserError)
+        queries = comm.gather_rows(x_local.float())
         q = queries.rows
-        ql = all_gather_rows(query_labels, self.group, clock).rows if self.labeled else None
+        ql = comm.gather_rows(query_labels).rows if self.labeled else None
 
         scores, ids = self._local_best(q, ql)
         best = scores.clone()
-        with clock.comm(best.device):
+        with comm.timed(best.device):
             dist.all_reduce(best, op=dist.ReduceOp.MAX, group=self.group)
         winner = torch.where(scores == best, ids, _NO_ID)
-        with clock.comm(winner.device):
+        with comm.timed(winner.device):
             dist.all_reduce(winner, op=dist.ReduceOp.MIN, group=self.group)
         lost = torch.nonzero(winner == _NO_ID).flatten()
         if lost.numel():  # every rank holds the same winners, so every rank raises
@@ -222,7 +219,7 @@ class ShardedMatchIndex:
         sent = owner == self.rank
         send = self._flat[(winner[sent] - self.offset).to(self._flat.device)].contiguous()
         recv = send.new_empty(queries.counts[self.rank], self._flat.shape[1])
-        with clock.comm(recv.device):
+        with comm.timed(recv.device):
             dist.all_to_all_single(recv, send, recv_counts, send_counts, group=self.group)
         # recv holds my winners grouped by owner (in rank order), each group in query order.
         order = torch.argsort(owner[mine], stable=True)
@@ -231,5 +228,5 @@ class ShardedMatchIndex:
         return ShardedMatch(
             index=winner[mine].to(device),
             points=points.view(-1, *self.point_shape).to(device),
-            comm_s=clock.comm_s,
+            comm_s=comm.comm_s,
         )

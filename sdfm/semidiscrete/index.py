@@ -1,6 +1,6 @@
 """Maximum-inner-product search with a bias: the matching step of semidiscrete OT.
 
-For queries x_1..x_B and the N data points y_1..y_N with a dual potential g (DESIGN.md §5),
+For queries x_1..x_B and the N data points y_1..y_N with a dual potential g (docs/design.md §5),
 ``MatchIndex.search`` answers
 
     k*(x) = argmax_j <x, y_j> + g_j
@@ -8,42 +8,34 @@ For queries x_1..x_B and the N data points y_1..y_N with a dual potential g (DES
 exactly (a flat search, no approximation). g changes all the time (a worker keeps improving it), so
 everything that does not depend on g is built once and ``set_potential`` only touches g:
 
-- torch backend: keys y (N, d) plus a separate fp32 bias vector g, copied in place. The search is
-  chunked over N (``chunk_size`` rows at a time): a matrix product, the bias, a running argmax (or a
-  running top-k). On CUDA the keys and queries are bf16 by default (tensor cores) and the scores are
-  cast to fp32 before the bias is added, so a small g is not rounded away; on CPU everything is fp32.
-- faiss backend: a flat inner-product index (``IndexFlatIP``) over augmented keys [y_j ; g_j],
-  queried with [x ; 1]. On the CPU the g column of the index's stored vectors is overwritten in place
-  (a strided write of N floats). A FAISS GPU index cannot be edited in place, so there a new g means
-  ``reset()`` + ``add()`` of the augmented keys from a host copy (a rebuild, O(N d) copied to the GPU).
-- triton backend: the torch backend's keys and in-place bias, searched by one fused kernel
-  (``sdfm.kernels.argmax``: matrix product, bias and running argmax per tile, no score block in
-  memory). CUDA only, or any device under TRITON_INTERPRET=1 (tests). ``topk`` is the torch backend's.
-- auto backend: the same index; each search runs the faster of the triton kernel and the torch loop,
-  measured once per shape class on CUDA; on a CPU it is the torch backend.
+The backends (``sdfm.semidiscrete.backends``) keep the keys and hold g as a bias they overwrite:
+
+- torch: keys plus a separate fp32 bias vector, chunked matmul + bias + running argmax. On CUDA the
+  keys and queries are bf16 by default (tensor cores) and the scores are cast to fp32 before the
+  bias is added, so a small g is not rounded away; on CPU everything is fp32.
+- faiss: a flat inner-product index over [y_j ; g_j] queried with [x ; 1]; the g column is
+  written in place on the CPU, rebuilt on a GPU.
+- triton: the torch backend's keys and bias, searched by one fused kernel (CUDA, or
+  TRITON_INTERPRET=1 for tests); ``topk`` is the torch backend's.
+- auto: the faster of triton and torch per shape class on CUDA; torch elsewhere.
 
 With ``labels``, each class has its own sub-index holding that class's rows (and a map back to the
-global ids), and a query of class c only searches class c: pairs never cross classes.
-
-With ``pca_dim = p > 0``, the keys are the top-p principal components of the centered data,
-(y_j - m) V, and the queries are projected as x V. Since <x, y_j> = <x, m> + <x, y_j - m> and the
-first term does not depend on j, centering changes no argmax; the projection does: matching happens
-in the PCA space, i.e. it maximizes <x V, (y_j - m) V> + g_j, and a potential must be fitted in the
-same space (``PotentialFitter(pca_dim=p)``).
+global ids), and a query of class c only searches class c: pairs never cross classes. With
+``pca_dim = p > 0`` matching happens in the top-p principal components (``sdfm.semidiscrete.pca``).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from sdfm import kernels
 from sdfm.errors import UserError
+from sdfm.semidiscrete.backends import FaissBlock, TorchBlock, TritonBlock, faiss_gpu_available
+from sdfm.semidiscrete.pca import PCA
 
 Backend = Literal["torch", "faiss", "triton", "auto"]
 BACKENDS = ("torch", "faiss", "triton", "auto")
@@ -62,47 +54,6 @@ class TopK(NamedTuple):
 
     scores: Tensor
     index: Tensor
-
-
-@dataclass
-class PCA:
-    """Top-p principal directions of the data: matching happens in this p-dimensional space.
-
-    Attributes:
-        mean: (d,) float32 mean m of the data.
-        components: (d, p) float32 orthonormal principal directions V, by decreasing variance.
-        explained: fraction of the data's variance kept by the p directions.
-    """
-
-    mean: Tensor
-    components: Tensor
-    explained: float
-
-    @classmethod
-    def fit(cls, y: Tensor, p: int) -> PCA:
-        """Fit on y (N, d) by an eigendecomposition of the float64 covariance on the CPU (deterministic,
-        and cheaper than an SVD of the (N, d) matrix when N >> d). Each direction's sign is fixed so
-        that its largest entry is positive, so the same data always gives the same V."""
-        y64 = y.detach().to("cpu", torch.float64)
-        mean = y64.mean(0)
-        centered = y64 - mean
-        cov = centered.T @ centered / max(len(y64) - 1, 1)
-        values, vectors = torch.linalg.eigh(cov)  # ascending
-        order = torch.argsort(values, descending=True)[:p]
-        v = vectors[:, order]
-        sign = torch.sign(v.gather(0, v.abs().argmax(0, keepdim=True)))
-        v = v * torch.where(sign == 0, 1.0, sign)
-        total = values.clamp_min(0).sum().item()
-        explained = values[order].clamp_min(0).sum().item() / total if total > 0 else 1.0
-        return cls(mean=mean.float().to(y.device), components=v.float().to(y.device), explained=explained)
-
-    def keys(self, y: Tensor) -> Tensor:
-        """Project data points: (N, d) -> (N, p) = (y - m) V."""
-        return (y.float() - self.mean.to(y.device)) @ self.components.to(y.device)
-
-    def queries(self, x: Tensor) -> Tensor:
-        """Project queries: (B, d) -> (B, p) = x V (the <x, m> term is the same for every j)."""
-        return x.float() @ self.components.to(x.device)
 
 
 def reference_argmax(
@@ -135,153 +86,6 @@ def class_partition(labels: Tensor) -> list[tuple[int, Tensor]]:
     """Split point ids by class: [(class value, (n_c,) int64 sorted global ids), ...], by class value."""
     labels = labels.detach().cpu()
     return [(int(c), torch.nonzero(labels == c).flatten()) for c in torch.unique(labels).tolist()]
-
-
-def _faiss_gpu_available() -> bool:
-    import faiss
-
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-_CPU_SCORES = 1 << 22
-"""On a CPU, at most this many scores (16 MB) per chunk: a (B, chunk) block that stays in cache is
-written and re-read faster (measured 1.5x at B = 4,096, d = 64 against 8,192-row chunks)."""
-
-
-class _TorchBlock:
-    """Keys of one group of points (all of them, or one class) and their bias, for chunked search."""
-
-    def __init__(self, keys: Tensor, chunk_size: int):
-        self.keys = keys.contiguous()  # (n, p) compute dtype
-        self.bias = torch.zeros(keys.shape[0], dtype=torch.float32, device=keys.device)
-        self.chunk_size = chunk_size
-
-    def _chunk(self, batch: int) -> int:
-        if self.keys.device.type == "cuda":
-            return self.chunk_size
-        return min(self.chunk_size, max(256, _CPU_SCORES // max(batch, 1)))
-
-    def set_bias(self, g: Tensor) -> None:
-        self.bias.copy_(g)
-
-    def _scores(self, q: Tensor, start: int, stop: int, out: Tensor | None = None) -> Tensor:
-        if self.keys.dtype == torch.float32:
-            # One fused pass (BLAS adds the broadcast bias as its C operand) instead of two; into a
-            # reused buffer, which on a CPU is about 2x faster than a fresh block per chunk.
-            bias, keys = self.bias[None, start:stop], self.keys[start:stop].T
-            return torch.addmm(bias, q, keys) if out is None else torch.addmm(bias, q, keys, out=out)
-        # The product runs in the compute dtype (bf16 on CUDA); adding g in fp32 afterwards keeps
-        # potentials that differ by less than bf16's resolution of the scores apart.
-        return (q @ self.keys[start:stop].T).float() + self.bias[start:stop]
-
-    def search(self, q: Tensor) -> Tensor:
-        n = self.keys.shape[0]
-        best = torch.full((q.shape[0],), -torch.inf, device=q.device)
-        arg = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        chunk = self._chunk(q.shape[0])
-        buffer = None
-        if self.keys.dtype == torch.float32 and n > chunk:
-            buffer = torch.empty(q.shape[0], chunk, device=q.device)
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            full = buffer is not None and stop - start == chunk
-            scores = self._scores(q, start, stop, buffer if full else None)
-            if q.device.type == "cuda":  # no host sync per chunk: one fused max with indices
-                value, pos = scores.max(1)
-                better = value > best  # strict: ties keep the lower id, as argmax does
-                best = torch.where(better, value, best)
-                arg = torch.where(better, pos + start, arg)
-                continue
-            # On a CPU the row maxima alone are ~10x cheaper than max with indices: take indices
-            # only for the rows this chunk improves.
-            value = scores.amax(1)
-            better = value > best
-            if bool(better.any()):
-                rows = better.nonzero().squeeze(1)
-                best[rows] = value[rows]
-                arg[rows] = scores[rows].argmax(1) + start
-        return arg
-
-    def topk(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        n = self.keys.shape[0]
-        best = torch.full((q.shape[0], 0), -torch.inf, device=q.device)
-        arg = torch.zeros((q.shape[0], 0), dtype=torch.long, device=q.device)
-        chunk = self._chunk(q.shape[0])
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            value, pos = self._scores(q, start, stop).topk(min(k, stop - start), dim=1)
-            value, arg = torch.cat([best, value], 1), torch.cat([arg, pos + start], 1)
-            best, keep = value.topk(min(k, value.shape[1]), dim=1)
-            arg = arg.gather(1, keep)
-        return best, arg
-
-
-class _TritonBlock(_TorchBlock):
-    """A ``_TorchBlock`` (same keys, same in-place bias) whose search is the fused Triton kernel, or with
-    ``auto`` the faster of the kernel and the torch loop for each shape class (torch off CUDA)."""
-
-    def __init__(self, keys: Tensor, chunk_size: int, auto: bool):
-        super().__init__(keys, chunk_size)
-        self.auto = auto
-
-    def search(self, q: Tensor) -> Tensor:
-        if not self.auto:
-            return kernels.argmax(q, self.keys, self.bias).index
-        return kernels.auto(
-            "argmax",
-            q,
-            (q.shape[0], *self.keys.shape),
-            lambda: kernels.argmax(q, self.keys, self.bias).index,
-            lambda: _TorchBlock.search(self, q),
-        )
-
-
-class _FaissBlock:
-    """A flat inner-product FAISS index over [keys ; g] for one group of points."""
-
-    def __init__(self, keys: Tensor, gpu: bool):
-        import faiss
-
-        n, p = keys.shape
-        self.dim = p + 1
-        self.gpu = gpu
-        augmented = np.zeros((n, p + 1), dtype=np.float32)
-        augmented[:, :p] = keys.detach().cpu().float().numpy()
-        if gpu:
-            # A GPU index cannot be edited in place; keep the host copy to rebuild from.
-            self.host = augmented
-            self.resources = faiss.StandardGpuResources()
-            self.index = faiss.GpuIndexFlatIP(self.resources, self.dim)
-        else:
-            self.host = None
-            self.index = faiss.IndexFlatIP(self.dim)
-        self.index.add(augmented)
-
-    def stored(self) -> np.ndarray:
-        """(n, p + 1) view onto the CPU index's own vectors (writes go straight into the index).
-        Fetched afresh each time: the pointer moves if the index ever reallocates."""
-        import faiss
-
-        n = self.index.ntotal
-        return faiss.rev_swig_ptr(self.index.get_xb(), n * self.dim).reshape(n, self.dim)
-
-    def set_bias(self, g: Tensor) -> None:
-        column = g.detach().cpu().float().numpy()
-        if self.gpu:
-            self.host[:, -1] = column
-            self.index.reset()
-            self.index.add(self.host)
-        else:
-            self.stored()[:, -1] = column
-
-    def topk(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        augmented = np.ones((q.shape[0], self.dim), dtype=np.float32)
-        augmented[:, :-1] = q.detach().cpu().float().numpy()
-        scores, ids = self.index.search(augmented, k)
-        return torch.from_numpy(scores), torch.from_numpy(ids).long()
-
-    def search(self, q: Tensor) -> Tensor:
-        return self.topk(q, 1)[1][:, 0]
 
 
 class MatchIndex:
@@ -355,17 +159,17 @@ class MatchIndex:
         self.labeled = labels is not None
         self._class_slot = {c: i for i, (c, _) in enumerate(groups)}
         self._rows = [rows.to(self.device) for _, rows in groups]
-        use_gpu_faiss = backend == "faiss" and self.device.type == "cuda" and _faiss_gpu_available()
-        self._blocks: list[_TorchBlock | _FaissBlock] = []
+        use_gpu_faiss = backend == "faiss" and self.device.type == "cuda" and faiss_gpu_available()
+        self._blocks: list[TorchBlock | FaissBlock] = []
         for rows in self._rows:
             block_keys = keys if not self.labeled else keys[rows]
             if backend == "torch":
-                self._blocks.append(_TorchBlock(block_keys.to(compute_dtype), chunk_size))
+                self._blocks.append(TorchBlock(block_keys.to(compute_dtype), chunk_size))
             elif backend == "faiss":
-                self._blocks.append(_FaissBlock(block_keys, gpu=use_gpu_faiss))
+                self._blocks.append(FaissBlock(block_keys, gpu=use_gpu_faiss))
             else:
                 self._blocks.append(
-                    _TritonBlock(block_keys.to(compute_dtype), chunk_size, auto=backend == "auto")
+                    TritonBlock(block_keys.to(compute_dtype), chunk_size, auto=backend == "auto")
                 )
         self.potential = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.last_refresh_seconds = 0.0

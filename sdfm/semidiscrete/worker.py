@@ -11,7 +11,6 @@ publish. Trainers pick up new versions at step boundaries (``SemidiscreteCouplin
 from __future__ import annotations
 
 import io
-import json
 import math
 import signal
 import subprocess
@@ -23,59 +22,13 @@ import torch
 
 from sdfm import config as config_mod
 from sdfm.checkpoint import write_atomic
-from sdfm.config import Config
-from sdfm.data import Dataset, load_dataset, sample_source
+from sdfm.data import load_dataset
 from sdfm.errors import UserError
 from sdfm.monitor import info
-from sdfm.semidiscrete.potential import PotentialFitter, save_potential
-
-DATASET_FILE = "dataset.json"
-
-
-def potential_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "potential"
-
-
-def record_dataset(run_dir: Path, data: Dataset) -> None:
-    """Write RUN/dataset.json: the dataset a run belongs to (checked by workers and resumes)."""
-    info_ = {"name": data.name, "fingerprint": data.fingerprint, "n": len(data), "shape": list(data.shape)}
-    write_atomic(Path(run_dir) / DATASET_FILE, json.dumps(info_, indent=1).encode())
-
-
-def check_dataset(run_dir: Path, data: Dataset) -> None:
-    """Refuse to work for a run folder whose recorded dataset is not ``data``."""
-    path = Path(run_dir) / DATASET_FILE
-    if not path.is_file():
-        return
-    rec = json.loads(path.read_text())
-    if rec["fingerprint"] != data.fingerprint:
-        raise UserError(
-            f"run folder {run_dir} belongs to dataset {rec['name']} (fingerprint {rec['fingerprint']}), but this "
-            f"worker's data is {data.name} (fingerprint {data.fingerprint}); point the worker at the run's own folder/config"
-        )
-
-
-def fitter_kwargs(cfg: Config, data: Dataset) -> dict:
-    """Arguments of ``PotentialFitter`` / ``fit_potential`` that a run's config describes (shared by
-    the worker and the fit before training, so both solve the same problem)."""
-    p = cfg.potential
-    source = None
-    if cfg.data.source != "normal":
-
-        def source(n: int, gen: torch.Generator) -> torch.Tensor:
-            return sample_source(cfg.data.source, n, data.shape, gen).flatten(1)
-
-    return dict(
-        epsilon=p.epsilon,
-        method=p.method,
-        batch_size=p.batch_size,
-        lr=p.lr or None,
-        labels=data.labels if cfg.data.conditional else None,
-        pca_dim=p.pca_dim,
-        backend=p.index,
-        sample_source=source,
-        seed=cfg.train.seed + 1,
-    )
+from sdfm.rundir import check_dataset, potential_dir
+from sdfm.semidiscrete.fit import fit_setup
+from sdfm.semidiscrete.fitter import PotentialFitter
+from sdfm.semidiscrete.potential_file import save_potential
 
 
 class _Stop:
@@ -107,7 +60,7 @@ def run_worker(run_dir: Path, *, config_path: Path | None = None, max_steps: int
     check_dataset(run_dir, data)
     out = potential_dir(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fitter = PotentialFitter(data.x.flatten(1), **fitter_kwargs(cfg, data))
+    fitter = fit_setup(cfg, data).fitter(data.x.flatten(1))
     state_path = out / "worker_state.pt"
     version = 0
     if state_path.is_file():

@@ -1,0 +1,291 @@
+"""Fitting a potential to a target χ̂² within a budget, the fixed χ̂² yardstick, and the config glue.
+
+- ``fit_potential``: drive a ``PotentialFitter`` until its potential's χ̂² confirms the target, or the
+  budget (``FitBudget``) runs out.
+- ``Chi2Evaluator``: χ̂² of any potential on the same fixed noise every call (benchmarks, tests).
+- ``fit_setup`` / ``fit_and_save``: what a run's config says about its potential problem, and the one
+  "fit, then save with metadata" of ``sdfm fit-potential`` and of the fit before training.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sdfm.config import Config
+from sdfm.data import Dataset, sample_source
+from sdfm.errors import UserError
+from sdfm.semidiscrete.fitter import FitterOptions, PotentialFitter
+from sdfm.semidiscrete.potential_file import save_potential
+from sdfm.semidiscrete.problem import SampleSource, SemidiscreteProblem
+
+__all__ = [
+    "Chi2Evaluator",
+    "FitBudget",
+    "FitResult",
+    "FitSetup",
+    "fit_and_save",
+    "fit_potential",
+    "fit_setup",
+]
+
+
+class Chi2Evaluator:
+    """One fixed yardstick for potentials: χ̂² on the same ``num_samples`` noise draws every call
+    (reseeded each time), so differences between potentials are not noise differences.
+
+    Args:
+        y, labels, pca_dim, sample_source, device: as for ``PotentialFitter``.
+        epsilon: regularization the potentials are evaluated at.
+        num_samples: noise samples per evaluation (std of χ̂² about sqrt(2N)/num_samples).
+        batch_size: samples scored at a time.
+        seed: seed of the evaluation noise.
+    """
+
+    def __init__(
+        self,
+        y: Tensor,
+        *,
+        epsilon: float = 0.0,
+        labels: Tensor | None = None,
+        pca_dim: int = 0,
+        num_samples: int = 8192,
+        batch_size: int = 1024,
+        seed: int = 1_000_003,
+        sample_source: SampleSource | None = None,
+        device: torch.device | str | None = None,
+    ):
+        self.problem = SemidiscreteProblem(
+            y,
+            labels=labels,
+            pca_dim=pca_dim,
+            backend="torch",
+            device=device,
+            batch_size=batch_size,
+            sample_source=sample_source,
+        )
+        self.epsilon, self.num_samples, self.seed = float(epsilon), num_samples, seed
+        self.n = self.problem.n
+
+    def __call__(self, g: Tensor) -> float:
+        """χ̂² of g (N,)."""
+        generator = torch.Generator(device=self.problem.device).manual_seed(self.seed)
+        return self.problem.evaluate(g, self.epsilon, self.num_samples, generator)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitBudget:
+    """When ``fit_potential`` stops.
+
+    Attributes:
+        max_steps: most SGD steps.
+        target_chi2: stop when χ̂² of the returned potential is at most this (0.05: where the SD-FM
+            paper saw generation quality saturate).
+        max_seconds: wall-time budget (None: no limit).
+        window: steps in the windowed mean of the stop test (None: automatic).
+        eval_samples: noise samples of the confirming evaluation (0: trust the windowed mean).
+        log_every: steps between log lines and history entries.
+    """
+
+    max_steps: int = 10_000
+    target_chi2: float = 0.05
+    max_seconds: float | None = None
+    window: int | None = None
+    eval_samples: int = 8192
+    log_every: int = 100
+
+
+@dataclass
+class FitResult:
+    """Outcome of ``fit_potential``.
+
+    Attributes:
+        g: (N,) float32 fitted potential (``PotentialFitter.potential()``).
+        steps: SGD steps taken.
+        chi2: χ̂² of g on a fresh evaluation sample (``eval_samples``), or the windowed mean of the
+            per-step χ̂² when ``eval_samples=0``.
+        seconds: wall time of the fit (evaluations included).
+        history: (step, seconds, windowed mean of the per-step χ̂²) every ``log_every`` steps.
+        converged: whether the target χ̂² was reached (confirmed on the evaluation sample).
+    """
+
+    g: Tensor
+    steps: int
+    chi2: float
+    seconds: float
+    history: list[tuple[int, float, float]] = field(default_factory=list)
+    converged: bool = False
+
+
+def _default_window(n: int, batch: int, target: float) -> int:
+    """Steps averaged for the stop test: enough that the mean's noise (about sqrt(2N)/(B sqrt(W)))
+    is a quarter of the target, within [20, 200] so the mean does not lag the fit by too much."""
+    need = (4 * math.sqrt(2 * n) / (batch * max(target, 1e-6))) ** 2
+    return int(min(200, max(20, math.ceil(need))))
+
+
+def fit_potential(
+    y: Tensor,
+    options: FitterOptions = FitterOptions(),
+    budget: FitBudget = FitBudget(),
+    *,
+    labels: Tensor | None = None,
+    sample_source: SampleSource | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> FitResult:
+    """Fit g until χ̂² <= ``budget.target_chi2``, ``budget.max_steps`` or ``budget.max_seconds``.
+
+    Stop rule: the per-step χ̂² is noisy (``sdfm.semidiscrete.problem``), so the trigger is its mean
+    over the last ``window`` steps (default: ``_default_window``) falling to the target; the potential
+    actually returned (the EMA or the average, not the last iterate) is then evaluated on
+    ``eval_samples`` fresh noise samples from a separate generator and the fit stops only if that
+    confirms the target. After a failed confirmation the next one waits another ``window`` steps.
+
+    Args:
+        y: (N, d) points.
+        options: the fitter's settings; labels, sample_source, device: as in ``PotentialFitter``.
+        budget: when to stop.
+        progress: show a tqdm bar (only when stderr is a terminal).
+        log: where log lines go (None: nowhere).
+
+    Returns:
+        FitResult.
+    """
+    b = budget
+    if b.max_steps < 1:
+        raise UserError(f"max_steps={b.max_steps} must be at least 1")
+    fitter = PotentialFitter(y, options, labels=labels, sample_source=sample_source, device=device)
+    window = b.window or _default_window(fitter.n, fitter.batch_size, b.target_chi2)
+    eval_generator = torch.Generator(device=fitter.problem.device).manual_seed(options.seed + 7_919)
+    recent: deque[float] = deque(maxlen=window)
+    history: list[tuple[int, float, float]] = []
+    bar = None
+    if progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=b.max_steps, desc="potential", leave=False)
+    start = time.perf_counter()
+    next_check, final_chi2, converged = window, math.nan, False
+    while fitter.t < b.max_steps:
+        info = fitter.step()
+        recent.append(info["chi2"])
+        mean = sum(recent) / len(recent)
+        seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(chi2=f"{mean:.4f}")
+        if fitter.t % b.log_every == 0:
+            history.append((fitter.t, seconds, mean))
+            if log is not None:
+                log(
+                    f"potential step {fitter.t} chi2 {info['chi2']:.4f} chi2_mean{window} {mean:.4f} "
+                    f"eps {info['epsilon']:.3g} lr {info['lr']:.3g} {fitter.t / seconds:.1f} steps/s"
+                )
+        if len(recent) == window and mean <= b.target_chi2 and fitter.t >= next_check:
+            if b.eval_samples <= 0:
+                final_chi2, converged = mean, True
+                break
+            final_chi2 = fitter.evaluate(b.eval_samples, eval_generator)
+            if final_chi2 <= b.target_chi2:
+                converged = True
+                break
+            next_check = fitter.t + window
+        if b.max_seconds is not None and seconds >= b.max_seconds:
+            break
+    if bar is not None:
+        bar.close()
+    if not converged:
+        final_chi2 = fitter.evaluate(b.eval_samples, eval_generator) if b.eval_samples > 0 else mean
+    seconds = time.perf_counter() - start
+    if not history or history[-1][0] != fitter.t:
+        history.append((fitter.t, seconds, mean))
+    if log is not None:
+        log(
+            f"potential fit: {fitter.t} steps in {seconds:.1f} s, chi2 {final_chi2:.4f} "
+            f"({'reached' if converged else 'not reached'}: target {b.target_chi2})"
+        )
+    return FitResult(fitter.potential(), fitter.t, final_chi2, seconds, history, converged)
+
+
+@dataclass
+class FitSetup:
+    """The potential problem a run's config describes (shared by the worker, the fit before training
+    and ``sdfm fit-potential``, so all three solve the same problem).
+
+    Attributes:
+        options: the fitter's settings ([potential] section; seed = train.seed + 1).
+        budget: the fit's budget (potential.max_steps, target_chi2, max_seconds).
+        labels: (N,) classes for a conditional run, else None.
+        sample_source: the source distribution when it is not standard normal, else None.
+    """
+
+    options: FitterOptions
+    budget: FitBudget
+    labels: Tensor | None
+    sample_source: SampleSource | None
+
+    def fitter(self, y: Tensor, device: torch.device | str | None = None) -> PotentialFitter:
+        """A fresh ``PotentialFitter`` of this problem over the points y (N, d)."""
+        return PotentialFitter(
+            y, self.options, labels=self.labels, sample_source=self.sample_source, device=device
+        )
+
+
+def fit_setup(cfg: Config, data: Dataset) -> FitSetup:
+    """The ``FitSetup`` of a run's config and its data."""
+    p = cfg.potential
+    source = None
+    if cfg.data.source != "normal":
+
+        def source(n: int, gen: torch.Generator) -> Tensor:
+            return sample_source(cfg.data.source, n, data.shape, gen).flatten(1)
+
+    options = FitterOptions(
+        epsilon=p.epsilon,
+        method=p.method,
+        batch_size=p.batch_size,
+        lr=p.lr or None,
+        pca_dim=p.pca_dim,
+        backend=p.index,
+        seed=cfg.train.seed + 1,
+    )
+    budget = FitBudget(max_steps=p.max_steps, target_chi2=p.target_chi2, max_seconds=p.max_seconds or None)
+    return FitSetup(options, budget, data.labels if cfg.data.conditional else None, source)
+
+
+def fit_and_save(
+    cfg: Config, data: Dataset, path: Path, *, log: Callable[[str], None] | None = print
+) -> FitResult:
+    """Fit the potential of a run's config over its data and save it at ``path`` (version 1, with its
+    χ̂², ε, PCA dimension and the data's fingerprint): ``sdfm fit-potential`` and the fit before
+    training."""
+    setup = fit_setup(cfg, data)
+    result = fit_potential(
+        data.x.flatten(1),
+        setup.options,
+        setup.budget,
+        labels=setup.labels,
+        sample_source=setup.sample_source,
+        log=log,
+    )
+    save_potential(
+        path,
+        result.g,
+        version=1,
+        step=result.steps,
+        epsilon=setup.options.epsilon,
+        chi2=result.chi2,
+        fingerprint=data.fingerprint,
+        pca_dim=setup.options.pca_dim,
+    )
+    return result

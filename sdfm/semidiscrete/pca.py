@@ -1,0 +1,58 @@
+"""Principal components of the data: semidiscrete matching and fitting can run in the top p of them.
+
+With ``pca_dim = p > 0``, the keys are the top-p principal components of the centered data,
+(y_j - m) V, and the queries are projected as x V. Since <x, y_j> = <x, m> + <x, y_j - m> and the
+first term does not depend on j, centering changes no argmax; the projection does: matching happens
+in the PCA space, i.e. it maximizes <x V, (y_j - m) V> + g_j, and a potential must be fitted in the
+same space (``PotentialFitter(pca_dim=p)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["PCA"]
+
+
+@dataclass
+class PCA:
+    """Top-p principal directions of the data: matching happens in this p-dimensional space.
+
+    Attributes:
+        mean: (d,) float32 mean m of the data.
+        components: (d, p) float32 orthonormal principal directions V, by decreasing variance.
+        explained: fraction of the data's variance kept by the p directions.
+    """
+
+    mean: Tensor
+    components: Tensor
+    explained: float
+
+    @classmethod
+    def fit(cls, y: Tensor, p: int) -> PCA:
+        """Fit on y (N, d) by an eigendecomposition of the float64 covariance on the CPU (deterministic,
+        and cheaper than an SVD of the (N, d) matrix when N >> d). Each direction's sign is fixed so
+        that its largest entry is positive, so the same data always gives the same V."""
+        y64 = y.detach().to("cpu", torch.float64)
+        mean = y64.mean(0)
+        centered = y64 - mean
+        cov = centered.T @ centered / max(len(y64) - 1, 1)
+        values, vectors = torch.linalg.eigh(cov)  # ascending
+        order = torch.argsort(values, descending=True)[:p]
+        v = vectors[:, order]
+        sign = torch.sign(v.gather(0, v.abs().argmax(0, keepdim=True)))
+        v = v * torch.where(sign == 0, 1.0, sign)
+        total = values.clamp_min(0).sum().item()
+        explained = values[order].clamp_min(0).sum().item() / total if total > 0 else 1.0
+        return cls(mean=mean.float().to(y.device), components=v.float().to(y.device), explained=explained)
+
+    def keys(self, y: Tensor) -> Tensor:
+        """Project data points: (N, d) -> (N, p) = (y - m) V."""
+        return (y.float() - self.mean.to(y.device)) @ self.components.to(y.device)
+
+    def queries(self, x: Tensor) -> Tensor:
+        """Project queries: (B, d) -> (B, p) = x V (the <x, m> term is the same for every j)."""
+        return x.float() @ self.components.to(x.device)

@@ -1,0 +1,383 @@
+"""The flow-matching trainer.
+
+``sdfm train --config FILE`` (or ``python -m sdfm.train``) trains in one process; the same command
+under ``torchrun --nproc_per_node=K`` (or ``accelerate launch``) is a data-parallel (DDP) job,
+detected from the environment. A step: take the next global batch of data x1 (rank r keeps rows
+[r b, (r + 1) b) of it, b = train.batch_size / ranks), draw noise x0 and times t for those rows, pair
+x0 with data by the configured coupling (solved on the global batch), and regress the velocity network
+onto u = x1 - x0 at x_t = (1 - t) x0 + t x1; DDP averages the gradients.
+
+Every random draw of a step is a function of (train.seed, step, row) (``sdfm.data.noise``), so a job
+with any number of ranks sees the draws of a single process, and ``--resume`` continues bit-exactly
+with no generator state to carry, even onto a different number of ranks. SIGTERM (preemption) makes
+all ranks stop at the same step boundary; rank 0 saves that step and every rank exits 0.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sdfm import config as config_mod
+from sdfm.checkpoint import CheckpointManager
+from sdfm.config import Config
+from sdfm.data import Dataset, DataStream, load_dataset
+from sdfm.data.noise import draw_rows, step_generator
+from sdfm.distributed.couplings import rank_coupling
+from sdfm.distributed.env import DistEnv, ProcessGroup, detect, device_for
+from sdfm.errors import AgreedError, UserError
+from sdfm.models import EMA, build_model
+from sdfm.monitor import Monitor, info, set_main_process
+from sdfm.rundir import potential_dir, prepare_run_dir, record_dataset, snapshot_path
+
+LOG_KEYS = (
+    "loss",
+    "grad_norm",
+    "lr",
+    "pairs_per_s",
+    "coupling_ms",
+    "sinkhorn_iters",
+    "sinkhorn_err",
+    "potential_version",
+    "potential_age_steps",
+    "potential_age_s",
+    "potential_chi2",
+)
+CHECKPOINT_VERSION = 2
+
+
+def lr_lambda(cfg: Config):
+    """Linear warm-up, then constant or cosine decay to 0 (a multiplier of optim.lr)."""
+    warm, total, cosine = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.schedule == "cosine"
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if not cosine:
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return f
+
+
+class Trainer:
+    """Owns the model, EMA, optimizer, coupling and data stream of one run (or of one rank of it).
+
+    Args:
+        cfg: validated configuration.
+        run_dir: the run folder (created by ``prepare_run_dir``).
+        dataset: the loaded dataset (loaded from ``cfg.data`` when None).
+        pg: the job's process group (``sdfm.distributed.env.ProcessGroup``); None for a single process.
+    """
+
+    def __init__(
+        self, cfg: Config, run_dir: Path, dataset: Dataset | None = None, pg: ProcessGroup | None = None
+    ):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.pg = pg if pg is not None else ProcessGroup(DistEnv(), torch.device("cpu"))
+        self.rank, self.world = self.pg.env.rank, self.pg.env.world_size
+        self.device = device_for(self.pg.env, cfg.train.device)
+        if cfg.train.batch_size % self.world:
+            raise AgreedError(
+                f"train.batch_size={cfg.train.batch_size} (the global batch) does not divide over {self.world} ranks; "
+                f"use a multiple of {self.world}"
+            )
+        self.local_batch = cfg.train.batch_size // self.world
+        self.data = dataset if dataset is not None else load_dataset(cfg.data)
+        self.pg.check_same("the config", config_mod.dumps(cfg))
+        self.pg.check_same("the training data (fingerprint)", self.data.fingerprint)
+        self.conditional = cfg.data.conditional
+        torch.manual_seed(cfg.train.seed)  # model initialization only: step draws come from data.noise
+        self.model = build_model(
+            cfg.model.kind,
+            self.data.shape,
+            self.data.num_classes if self.conditional else 0,
+            cfg.model.hidden,
+            cfg.model.depth,
+            cfg.model.channels,
+        ).to(self.device)
+        self.ema = EMA(self.model, cfg.model.ema_decay)
+        # DDP broadcasts rank 0's initial weights and averages gradients in backward.
+        self.ddp = (
+            torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None
+            )
+            if self.world > 1
+            else self.model
+        )
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        # The coupling of the global batch, in its data-parallel form when there are several ranks.
+        self.coupling = rank_coupling(cfg, self.data, self.pg, self.device, warn=info)
+        self.worker = None  # the dual-potential worker subprocess, when rank 0 started one
+        self.stream = DataStream(len(self.data), cfg.train.batch_size, cfg.train.seed)  # global batches
+        self.step = 0
+        self.stop_requested = False  # set by SIGTERM; acted on at the next step boundary
+        self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last, warn=info)
+
+    @property
+    def potential(self) -> torch.Tensor | None:
+        """(N,) the semidiscrete coupling's potential in use, or None for other couplings."""
+        return self.coupling.g if self.cfg.coupling.kind == "semidiscrete" else None
+
+    def generator(self, step: int) -> torch.Generator:
+        """The coupling's generator at ``step``: shared by all ranks for couplings of the global batch,
+        per rank for the semidiscrete coupling, which samples each rank's own rows."""
+        if self.cfg.coupling.kind == "semidiscrete":
+            return step_generator(self.cfg.train.seed, step, "coupling", self.rank)
+        return step_generator(self.cfg.train.seed, step, "coupling")
+
+    # ------------------------------------------------------------------------------------ training
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; returns its metrics."""
+        cfg, dev = self.cfg, self.device
+        self.coupling.poll()  # a new dual potential from the worker is swapped in here, between steps
+        lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
+        idx = self.stream.next()[lo:hi]  # this rank's rows of the global batch
+        x1 = self.data.x[idx].to(dev)
+        labels = self.data.labels[idx].to(dev) if self.conditional else None
+        x0, t = draw_rows(cfg.data.source, self.data.shape, cfg.train.seed, self.step, lo, hi)
+        x0, t = x0.to(dev), t.to(dev)
+
+        t_couple = time.perf_counter()
+        pairs = self.coupling.pair(x0, x1, labels, self.generator(self.step))
+        coupling_ms = 1000 * (time.perf_counter() - t_couple)
+
+        x0, x1 = pairs.x0, pairs.x1
+        tb = t.view(-1, *[1] * (x0.dim() - 1))
+        xt = (1 - tb) * x0 + tb * x1
+        pred = self.ddp(t, xt, None if pairs.labels is None else pairs.labels.to(dev))
+        loss = F.mse_loss(pred, x1 - x0)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.ema.update(self.model, step=self.step)
+        if self.world > 1:  # log the global mean loss, not rank 0's share
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)  # gloo has no AVG
+            loss /= self.world
+        return {
+            "loss": loss.item(),
+            "grad_norm": grad_norm.item(),
+            "lr": lr,
+            "coupling_ms": coupling_ms,
+            **self.coupling.stats(),
+        }
+
+    def train(self, until: int | None = None) -> None:
+        """Run from ``self.step`` to ``train.steps`` (or stop early after step ``until``, as a preempted
+        job would), logging and checkpointing on the way. On SIGTERM, every rank stops at the same step
+        boundary and rank 0 saves it."""
+        cfg, main = self.cfg, self.pg.env.is_main
+        until = cfg.train.steps if until is None else min(until, cfg.train.steps)
+        monitor = Monitor(self.run_dir, cfg.train.steps, start_step=self.step, enabled=main)
+        ranks = f" over {self.world} ranks ({self.local_batch} each)" if self.world > 1 else ""
+        monitor.print(
+            f"training {self.data.name} ({len(self.data)} points, shape {self.data.shape}) with the "
+            f"{cfg.coupling.kind} coupling on {self.device}: steps {self.step}->{cfg.train.steps}, "
+            f"batch {cfg.train.batch_size}{ranks}, {sum(p.numel() for p in self.model.parameters()):,} parameters"
+        )
+        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        window_t, window_n = time.perf_counter(), 0
+        while self.step < until:
+            if self.pg.any(self.stop_requested):  # agreed by all ranks, so all stop at this step
+                path = self.save()
+                monitor.print(f"SIGTERM: saved checkpoint {path} at step {self.step}; exiting")
+                break
+            metrics = self.train_step()
+            window_n += cfg.train.batch_size
+            monitor.advance()
+            if not math.isfinite(metrics["loss"]):
+                raise RuntimeError(
+                    f"loss is {metrics['loss']} at step {self.step}; lower optim.lr or check the data"
+                )
+            if self.step % cfg.train.log_every == 0 or self.step == until:
+                if self.worker is not None and (warning := self.worker.check()):
+                    monitor.print(warning)
+                elapsed = time.perf_counter() - window_t
+                metrics["pairs_per_s"] = window_n / max(elapsed, 1e-9)
+                monitor.log(self.step, metrics, LOG_KEYS)
+                window_t, window_n = time.perf_counter(), 0
+            if self.step % cfg.train.ckpt_every == 0 or self.step == until:
+                path = self.save()
+                monitor.print(f"saved checkpoint {path}")
+        signal.signal(signal.SIGTERM, previous_handler)
+        if cfg.train.eval_at_end and self.step == cfg.train.steps and main:
+            from sdfm.evaluate import evaluate_run
+
+            evaluate_run(self.run_dir, monitor=monitor, trainer=self)
+        monitor.close()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        del signum, frame
+        self.stop_requested = True
+
+    def start_potential(self, resumed: bool) -> None:
+        """Give the semidiscrete coupling its potential: restored from the checkpoint (resumed), fitted
+        now, read from a file, or published by the worker (started here when configured so). In a
+        data-parallel job rank 0 does this, and the coupling's ``poll`` shares the result."""
+        if self.cfg.coupling.kind != "semidiscrete":
+            return
+        from sdfm.semidiscrete import fit_and_save, load_potential
+        from sdfm.semidiscrete.worker import WorkerProcess, wait_for_version
+
+        p, coupling = self.cfg.potential, self.coupling
+        error = None  # a bad potential file on rank 0 must end every rank, not leave them waiting
+        try:
+            if not self.pg.env.is_main:
+                pass  # rank 0's potential arrives through poll() below
+            elif p.source == "file" and not resumed:
+                pot = load_potential(
+                    p.path, expected_fingerprint=self.data.fingerprint, expected_n=len(self.data)
+                )
+                coupling.set_potential(pot.g, pot.version, pot.chi2, pot.created)
+                info(f"potential: loaded {p.path} (version {pot.version}, chi2 {pot.chi2:.4g})")
+            elif p.source == "fit" and not resumed:
+                info(
+                    f"potential: fitting g over N={len(self.data)} points to chi2 <= {p.target_chi2} ({p.method})"
+                )
+                res = fit_and_save(
+                    self.cfg, self.data, potential_dir(self.run_dir) / "fitted.safetensors", log=info
+                )
+                coupling.set_potential(res.g, 1, res.chi2)
+                info(f"potential: {res.steps} steps in {res.seconds:.1f} s, chi2 {res.chi2:.4g}")
+            elif p.source == "worker":
+                path = snapshot_path(self.run_dir)
+                coupling.watch(path)
+                if p.spawn_worker:
+                    self.worker = WorkerProcess(self.run_dir)
+                    info(f"potential: started worker pid {self.worker.proc.pid} (log {self.worker.log_path})")
+                if coupling.version == 0 and not wait_for_version(path, timeout=120):
+                    info(
+                        "warning: no potential published yet; training starts with g = 0 and picks versions up as they come"
+                    )
+        except UserError as e:
+            if self.world == 1:
+                raise
+            error = str(e)
+        if self.world > 1:
+            self.pg.wait_for_main("potential")  # rank 0 may have fitted for longer than the timeout
+            if (error := self.pg.broadcast_object(error)) is not None:
+                raise AgreedError(error)
+        coupling.poll()  # the worker's first snapshot; in a data-parallel job, rank 0's potential
+
+    # ---------------------------------------------------------------------------------- checkpoints
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0; every rank holds the same state, and the
+        step draws need no generator state). Returns its folder on rank 0, None elsewhere."""
+        if not self.pg.env.is_main:
+            return None
+        meta = {"fingerprint": self.data.fingerprint, "dataset": self.data.name}
+        return self.ckpt.save(
+            self.step,
+            tensors={
+                "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(),
+                "coupling": self.coupling.state_dict(),
+            },
+            objects={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            state={
+                "version": CHECKPOINT_VERSION,
+                "data_position": self.stream.state_dict(),
+                "fingerprint": self.data.fingerprint,
+                "dataset": self.data.name,
+                "world_size": self.world,
+                "global_batch": self.cfg.train.batch_size,
+            },
+            metadata=meta,
+        )
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint; False when the run has none yet."""
+        ckpt = self.ckpt.load_latest()
+        self.pg.check_same(
+            "the newest checkpoint",
+            None if ckpt is None else ckpt.step,
+            fix="keep the run folder on storage that every node reads",
+        )
+        if ckpt is None:
+            return False
+        state = ckpt.state
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise UserError(
+                f"checkpoint {ckpt.path} has layout version {state.get('version')}, this sdfm reads {CHECKPOINT_VERSION}"
+            )
+        if state["fingerprint"] != self.data.fingerprint:
+            raise UserError(
+                f"checkpoint {ckpt.path} was trained on data with fingerprint {state['fingerprint']}, but the "
+                f"configured data has {self.data.fingerprint}; resume with the run's own data config"
+            )
+        self.model.load_state_dict(ckpt.tensors("model"))
+        self.ema.load_state_dict(ckpt.tensors("ema"))
+        self.coupling.load_state_dict(ckpt.tensors("coupling"))
+        self.optimizer.load_state_dict(ckpt.object("optimizer"))
+        self.scheduler.load_state_dict(ckpt.object("scheduler"))
+        self.stream.load_state_dict(state["data_position"])
+        self.step = ckpt.step
+        info(f"resumed from {ckpt.path} (step {ckpt.step})")
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world:
+            info(
+                f"checkpoint written by {saved_world} rank(s), resuming on {self.world}: the global batch, its data "
+                "stream, noise and pairs carry over exactly; per-rank draws (semidiscrete sampling with "
+                f"potential.epsilon > 0) are re-derived for {self.world} ranks"
+            )
+        return True
+
+
+def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite: bool = False) -> Trainer:
+    """Set up the run folder and train (the body of ``sdfm train``), as one process or as this rank of
+    a torchrun / accelerate job."""
+    config_mod.validate(cfg)
+    env = detect()
+    set_main_process(env.is_main)
+    dataset = load_dataset(cfg.data)  # fail on bad data before touching the run folder
+    pg = ProcessGroup(
+        env, device_for(env, cfg.train.device), cfg.train.dist_backend, cfg.train.dist_timeout_s
+    )
+    trainer = None
+    try:
+        # Rank 0 owns the run folder; the others wait, then see its config and checkpoints.
+        error = None
+        if env.is_main:
+            try:
+                prepare_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
+                record_dataset(run_dir, dataset)
+            except UserError as e:
+                error = str(e)
+        error = pg.broadcast_object(error)
+        if error is not None:
+            raise AgreedError(error)
+        trainer = Trainer(cfg, run_dir, dataset=dataset, pg=pg)
+        resumed = resume and trainer.resume()
+        if resume and not resumed:
+            info(f"no checkpoint in {run_dir} yet; starting from step 0")
+        trainer.start_potential(resumed)
+        trainer.train()
+        pg.any(False)  # leave together: rank 0 may still be writing the last checkpoint
+    finally:
+        if trainer is not None and trainer.worker is not None:
+            trainer.worker.stop()
+        if trainer is not None and trainer.world > 1:
+            # DDP holds the process group: drop it first, or gloo's threads outlive destroy_process_group
+            # and abort the interpreter at exit.
+            trainer.ddp = trainer.model
+            gc.collect()
+        pg.close()
+    return trainer
