@@ -12,8 +12,8 @@ from sdfm.couplings import (
     SinkhornCoupling,
     build_coupling,
 )
-from sdfm.ot.exact import exact_ot_assignment
 from sdfm.errors import UserError
+from sdfm.ot.exact import exact_ot_assignment
 
 
 def brute_force(x: torch.Tensor, y: torch.Tensor, cost: str) -> torch.Tensor:

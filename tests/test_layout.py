@@ -149,6 +149,14 @@ def test_the_trainer_does_not_import_the_cli():
     assert not any(t.startswith("sdfm.distributed") for t in edges["sdfm.couplings"])
 
 
+def test_pyproject_lists_every_package():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {name for name, path in modules().items() if path.name == "__init__.py"}
+    assert listed == packages, f"pyproject.toml [tool.setuptools] packages must be {sorted(packages)}"
+
+
 if __name__ == "__main__":
     edges = graph()
     for src in sorted(edges, key=lambda m: (layer(m), m)):

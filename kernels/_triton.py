@@ -100,7 +100,7 @@ def argmax_kernel(
     Ties go to the smallest j. With GUMBEL, G_ij = -log(-log(u)), u = (hash32(key_i + j) + 0.5) / 2^32
     with keys (n,) the int32 bit patterns of the row keys and hash32 Wellons' lowbias32, in uint32
     arithmetic (wrapping multiplication is exactly the mod-2^32 product of ``sinkhorn._mul32``), and
-    the logs in fp64 rounded once to fp32, as ``sinkhorn._gumbel`` does.
+    the logs in fp64 rounded once to fp32, as ``sdfm.ot.gumbel.gumbel`` does.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n

@@ -2,8 +2,8 @@
 
 Three reductions over the scores S_ij = h_j + <a_i, b_j> of rows a (n, d) against columns b (m, d):
 
-- ``lse``: logsumexp_j S_ij (the Sinkhorn update, ``sinkhorn._lse_torch``);
-- ``argmax``: max_j and argmax_j S_ij (the matching search, ``index._TorchBlock.search``);
+- ``lse``: logsumexp_j S_ij (the Sinkhorn update, ``sdfm.ot.reductions.lse_blocked``);
+- ``argmax``: max_j and argmax_j S_ij (the matching search, ``sdfm.semidiscrete.backends.TorchBlock.search``);
 - ``gumbel_argmax``: the same with Gumbel noise G_ij from a counter-based hash added (the row sampler,
   ``sinkhorn.sample_rows``).
 
@@ -261,7 +261,7 @@ def gumbel_argmax(a: Tensor, b: Tensor, h: Tensor, row_keys: Tensor, *, splits: 
     """argmax_j (h_j + <a_i, b_j> + G_ij) with G_ij the counter-based Gumbel noise of ``sample_rows``.
 
     G_ij = -log(-log(u)), u = (hash32((row_keys_i + j) mod 2^32) + 0.5) / 2^32, computed in float64 and
-    rounded to float32, bit for bit the noise of ``sdfm.couplings.sinkhorn._gumbel``: on the same
+    rounded to float32, bit for bit the noise of ``sdfm.ot.gumbel.gumbel``: on the same
     scores this draws the same index as the torch sampler (up to the rounding of the scores).
 
     Args:
