@@ -26,9 +26,8 @@ ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
 SCRIPTS = sorted([*ROOT.glob("launch/**/*.sh"), *ROOT.glob("launch/**/*.sbatch"), *ROOT.glob("docker/*.sh")])
 DOCKERFILES = sorted(ROOT.glob("docker/Dockerfile.*"))
-CONFIG = "/cfg/default.toml"
+CONFIG = str(ROOT / "launch" / "configs" / "default.toml")
 RUN = "/runs/r"
-TRAIN = ["-m", "sdfm.train", "--config", CONFIG, "--run-dir", RUN, "--resume"]
 
 
 def tool(name: str) -> str:
@@ -52,6 +51,39 @@ def dry_run(script: Path, *args: str, **env: str) -> list[str]:
     )
     assert out.returncode == 0, out.stderr
     return shlex.split(out.stdout)
+
+
+def torchrun(cmd: list[str]):
+    """A torchrun command line as torchrun itself parses it."""
+    from torch.distributed.run import get_args_parser
+
+    assert cmd[0] == "torchrun", cmd
+    return get_args_parser().parse_args(cmd[1:])
+
+
+def accelerate(cmd: list[str]):
+    """An accelerate command line as `accelerate launch` itself parses it."""
+    from accelerate.commands.launch import launch_command_parser
+
+    assert cmd[:2] == ["accelerate", "launch"], cmd
+    return launch_command_parser().parse_args(cmd[2:])
+
+
+def training(launcher) -> object:
+    """What `python -m sdfm.train` would run with the arguments a launcher passes it (sdfm's own parser:
+    the preset is read, the overrides are applied)."""
+    from sdfm.cli import parse
+
+    assert launcher.module and launcher.training_script == "sdfm.train", launcher
+    return parse(["train", *launcher.training_script_args])
+
+
+def assert_trains_the_run(command, *overrides: tuple[str, object]) -> None:
+    """The launched command resumes RUN from the preset CONFIG, with these config overrides."""
+    assert (str(command.config), str(command.run_dir), command.resume) == (CONFIG, RUN, True)
+    for key, value in overrides:
+        section, name = key.split(".")
+        assert getattr(getattr(command.cfg, section), name) == value, key
 
 
 # ------------------------------------------------------------------------------------------- linters
@@ -131,6 +163,37 @@ def test_k8s_manifest():
     assert {m["mountPath"] for m in wc["volumeMounts"]} == {runs_mount}
 
 
+def test_k8s_manifest_runs_the_image_the_dockerfile_builds_through_its_entrypoint():
+    """Both containers use the image that docker/Dockerfile.gpu is documented to build and keep its
+    ENTRYPOINT (no `command`); the trainer's args, given to that entrypoint with the pod's
+    environment, become a torchrun command that sdfm's own parser accepts; the worker runs sdfm worker."""
+    import re
+
+    from sdfm.cli import parse
+
+    dockerfile = (ROOT / "docker/Dockerfile.gpu").read_text()
+    tag = re.search(r"docker build -f docker/Dockerfile\.gpu -t (\S+) \.", dockerfile).group(1)
+    assert 'ENTRYPOINT ["/work/docker/entrypoint.sh"]' in dockerfile and "WORKDIR /work" in dockerfile
+    docs = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "launch/k8s/pytorchjob.yaml").read_text())}
+    (train,) = docs["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
+    (worker,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    for container in (train, worker):
+        assert container["image"].rpartition("/")[2] == tag, container["image"]
+        assert "command" not in container  # the image's ENTRYPOINT runs
+    env = {e["name"]: e["value"] for e in train["env"]}
+    preset = ROOT / Path(env["SDFM_CONFIG"]).relative_to("/work")  # the image holds the repository at /work
+    assert preset.is_file(), preset
+    run = torchrun(dry_run(ENTRYPOINT, *train["args"], **(env | {"SDFM_CONFIG": str(preset)})))
+    assert run.nproc_per_node == env["NPROC_PER_NODE"]
+    command = training(run)
+    assert (command.cfg.coupling.kind, command.cfg.potential.source) == ("semidiscrete", "worker")
+    assert command.cfg.potential.spawn_worker is False and str(command.run_dir) == env["SDFM_RUN_DIR"]
+    worker_env = {e["name"]: e["value"] for e in worker["env"]}
+    shell = worker["args"][-1]
+    assert worker["args"][:2] == ["bash", "-c"] and 'exec sdfm worker --run-dir "$SDFM_RUN_DIR"' in shell
+    assert str(parse(["worker", "--run-dir", worker_env["SDFM_RUN_DIR"]]).run_dir) == env["SDFM_RUN_DIR"]
+
+
 @pytest.mark.parametrize("name", ["one-node", "multi-node", "cpu-2proc"])
 def test_accelerate_configs(name):
     cfg = yaml.safe_load((ROOT / f"launch/accelerate/{name}.yaml").read_text())
@@ -149,17 +212,22 @@ def test_accelerate_configs(name):
 
 
 def test_one_process_is_plain_python():
-    assert dry_run(RUN_TRAIN, "--train.steps", "5", SDFM_PYTHON="py") == ["py", *TRAIN, "--train.steps", "5"]
+    from sdfm.cli import parse
+
+    cmd = dry_run(RUN_TRAIN, "--train.steps", "5", SDFM_PYTHON="py")
+    assert cmd[:3] == ["py", "-m", "sdfm.train"]
+    assert_trains_the_run(parse(["train", *cmd[3:]]), ("train.steps", 5))
 
 
 def test_torchrun_one_node():
-    cmd = dry_run(RUN_TRAIN, NPROC_PER_NODE="4")
-    assert cmd == ["torchrun", "--nproc_per_node=4", "--max_restarts=0", "--standalone", "--nnodes=1", *TRAIN]
+    run = torchrun(dry_run(RUN_TRAIN, NPROC_PER_NODE="4"))
+    assert (run.nproc_per_node, run.max_restarts, run.standalone, run.nnodes) == ("4", 0, True, "1")
+    assert_trains_the_run(training(run))
 
 
 def test_one_process_with_restarts_uses_torchrun():
-    cmd = dry_run(RUN_TRAIN, MAX_RESTARTS="3")
-    assert cmd[:3] == ["torchrun", "--nproc_per_node=1", "--max_restarts=3"]
+    run = torchrun(dry_run(RUN_TRAIN, MAX_RESTARTS="3"))
+    assert (run.nproc_per_node, run.max_restarts) == ("1", 3)
 
 
 def test_torchrun_many_nodes_c10d():
@@ -175,35 +243,23 @@ def test_torchrun_many_nodes_c10d():
         RDZV_ID="77",
         MAX_RESTARTS="2",
     )
-    assert cmd == [
-        "torchrun",
-        "--nproc_per_node=8",
-        "--max_restarts=2",
-        "--nnodes=4",
-        "--rdzv_backend=c10d",
-        "--rdzv_endpoint=node0:29400",
-        "--rdzv_id=77",
-        *TRAIN,
-        "--train.steps",
-        "9",
-        "--data.path",
-        "a b",
-    ]
+    run = torchrun(cmd)
+    assert (run.nproc_per_node, run.nnodes, run.max_restarts, run.standalone) == ("8", "4", 2, False)
+    assert (run.rdzv_backend, run.rdzv_endpoint, run.rdzv_id) == ("c10d", "node0:29400", "77")
+    assert_trains_the_run(training(run), ("train.steps", 9), ("data.path", "a b"))
 
 
 def test_torchrun_endpoint_from_master_addr_and_static_with_node_rank():
-    c10d = dry_run(RUN_TRAIN, NNODES="2", MASTER_ADDR="head", MASTER_PORT="1234")
-    assert "--rdzv_endpoint=head:1234" in c10d
-    static = dry_run(RUN_TRAIN, NNODES="2", NODE_RANK="1", MASTER_ADDR="head")
-    assert static[:7] == [
-        "torchrun",
-        "--nproc_per_node=1",
-        "--max_restarts=0",
-        "--nnodes=2",
-        "--node_rank=1",
-        "--master_addr=head",
-        "--master_port=29500",
-    ]
+    c10d = torchrun(dry_run(RUN_TRAIN, NNODES="2", MASTER_ADDR="head", MASTER_PORT="1234"))
+    assert (c10d.rdzv_backend, c10d.rdzv_endpoint) == ("c10d", "head:1234")
+    static = torchrun(dry_run(RUN_TRAIN, NNODES="2", NODE_RANK="1", MASTER_ADDR="head"))
+    assert (static.nnodes, static.node_rank, static.master_addr, static.master_port) == (
+        "2",
+        1,
+        "head",
+        29500,
+    )
+    assert static.rdzv_backend == "static" and static.max_restarts == 0
 
 
 def test_kubeflow_elastic_variables():
@@ -217,52 +273,32 @@ def test_kubeflow_elastic_variables():
         PET_RDZV_ENDPOINT="sdfm-train-worker-0:23456",
         PET_MAX_RESTARTS="10",
     )
-    assert cmd[:6] == [
-        "torchrun",
-        "--nproc_per_node=8",
-        "--max_restarts=10",
-        "--nnodes=1:4",
-        "--rdzv_backend=c10d",
-        "--rdzv_endpoint=sdfm-train-worker-0:23456",
-    ]
-    assert cmd[-len(TRAIN) - 2 :] == [*TRAIN, "--train.steps", "3"]
+    run = torchrun(cmd)
+    assert (run.nproc_per_node, run.max_restarts, run.nnodes) == ("8", 10, "1:4")
+    assert (run.rdzv_backend, run.rdzv_endpoint) == ("c10d", "sdfm-train-worker-0:23456")
+    assert_trains_the_run(training(run), ("train.steps", 3))
 
 
 def test_accelerate_command_lines():
-    one = dry_run(RUN_TRAIN, SDFM_LAUNCHER="accelerate")
-    assert one == [
-        "accelerate",
-        "launch",
-        "--config_file",
-        str(ROOT / "launch/accelerate/one-node.yaml"),
-        *TRAIN,
-    ]
-    many = dry_run(
-        RUN_TRAIN,
-        SDFM_LAUNCHER="accelerate",
-        ACCELERATE_CONFIG="launch/accelerate/multi-node.yaml",
-        NNODES="2",
-        NPROC_PER_NODE="8",
-        NODE_RANK="1",
-        RDZV_ENDPOINT="head:29400",
+    one = accelerate(dry_run(RUN_TRAIN, SDFM_LAUNCHER="accelerate"))
+    assert one.config_file == str(ROOT / "launch/accelerate/one-node.yaml")
+    assert_trains_the_run(training(one))
+    many = accelerate(
+        dry_run(
+            RUN_TRAIN,
+            SDFM_LAUNCHER="accelerate",
+            ACCELERATE_CONFIG="launch/accelerate/multi-node.yaml",
+            NNODES="2",
+            NPROC_PER_NODE="8",
+            NODE_RANK="1",
+            RDZV_ENDPOINT="head:29400",
+        )
     )
-    assert many == [
-        "accelerate",
-        "launch",
-        "--config_file",
-        "launch/accelerate/multi-node.yaml",
-        "--num_machines",
-        "2",
-        "--num_processes",
-        "16",
-        "--machine_rank",
-        "1",
-        "--main_process_ip",
-        "head",
-        "--main_process_port",
-        "29400",
-        *TRAIN,
-    ]
+    assert many.config_file == "launch/accelerate/multi-node.yaml"
+    # accelerate counts processes over all machines: 2 nodes x 8.
+    assert (many.num_machines, many.num_processes, many.machine_rank) == (2, 16, 1)
+    assert (many.main_process_ip, many.main_process_port) == ("head", 29400)
+    assert_trains_the_run(training(many))
 
 
 @pytest.mark.parametrize(

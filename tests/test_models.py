@@ -113,14 +113,23 @@ def _perturb(model: nn.Module, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g))
 
 
-def test_ema_update_math():
-    model = UNet(1, 8, channels=8)
+def test_ema_lags_a_ramp_by_its_window_and_stays_inside_the_history():
+    """A parameter moving at one unit per step is followed at a lag of decay / (1 - decay) steps (the
+    mean age of an exponential window: 9 steps for 0.9), and the average never leaves the range of
+    the weights it has seen."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
     ema = EMA(model, decay=0.9)
-    old = [p.detach().clone() for p in ema.module.parameters()]
-    _perturb(model, 0)
-    ema.update(model)
-    for before, new, shadow in zip(old, model.parameters(), ema.module.parameters(), strict=True):
-        torch.testing.assert_close(shadow, 0.9 * before + 0.1 * new.detach())
+    seen = [0.0]
+    for step in range(1, 201):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        ema.update(model)  # no step: the fixed decay, no warm-up
+        seen.append(float(step))
+        shadow = float(ema.module.weight)
+        assert min(seen) <= shadow <= max(seen)
+    assert 200 - float(ema.module.weight) == pytest.approx(9.0, abs=1e-3)
     assert not ema.module.training
     assert not any(p.requires_grad for p in ema.module.parameters())
     assert all(p.requires_grad for p in model.parameters())

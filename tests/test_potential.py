@@ -131,6 +131,20 @@ def test_symmetric_two_points_have_zero_potential(method):
     assert fitter.evaluate(20_000, torch.Generator().manual_seed(0)) < 0.01
 
 
+@pytest.mark.parametrize("method", ["sgd_ema", "averaged_sgd"])
+def test_one_dimensional_cells_have_the_closed_form(method):
+    """y = (-1, 0, 2) under N(0, 1): each cell must hold mass 1/3, so the boundaries sit at the
+    normal's terciles -z and z (z = Φ^-1(2/3)). The boundary of y1 and y2 is where -x + g1 = g2, the
+    one of y2 and y3 where g2 = 2x + g3: g1 - g2 = -z, g2 - g3 = 2z, and with mean 0, g* = (0, z, -z)."""
+    y = torch.tensor([[-1.0], [0.0], [2.0]])
+    z = 0.4307272992954576
+    fitter = PotentialFitter(y, FitterOptions(method=method, batch_size=4096, seed=0))
+    for _ in range(1500):
+        fitter.step()
+    g = fitter.potential()
+    torch.testing.assert_close(g - g.mean(), torch.tensor([0.0, z, -z]), rtol=0, atol=0.01)
+
+
 def test_fit_potential_reaches_target_and_reports():
     lines: list[str] = []
     result = fit_potential(

@@ -216,8 +216,16 @@ def test_torch_backend_on_cuda_bf16():
 @pytest.mark.gpu
 @cuda
 def test_faiss_backend_on_cuda():
+    from sdfm.semidiscrete.backends import faiss_gpu_available
+
+    if not faiss_gpu_available():
+        pytest.skip("the installed faiss has no GPU support (pip install 'sdfm[gpu]')")
+    import faiss
+
     y, g, x, _, _ = _problem()
     index = MatchIndex(y.cuda(), backend="faiss")
+    # The search really runs on the GPU: a FAISS GPU index, not the CPU fallback.
+    assert all(isinstance(block.index, faiss.GpuIndexFlatIP) for block in index._blocks)
     index.set_potential(g.cuda())
     assert torch.equal(index.search(x.cuda()).cpu(), reference_argmax(x, y, g))
     g2 = torch.randn(N, generator=torch.Generator().manual_seed(9))

@@ -1,5 +1,7 @@
 """Entropic Sinkhorn: cost spread, potentials against POT, backends, row sampling, the coupling."""
 
+import math
+
 import numpy as np
 import ot
 import pytest
@@ -190,3 +192,29 @@ def test_dense_and_blocked_reductions_agree(monkeypatch):
     assert dense.iters == blocked.iters
     torch.testing.assert_close(dense.g, blocked.g, atol=1e-4, rtol=0)
     torch.testing.assert_close(dense.f, blocked.f, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize(("precision", "atol"), [("fp64", 1e-10), ("fp32", 1e-4)])
+def test_two_point_plan_has_the_closed_form(epsilon, precision, atol):
+    """n = m = 2: the marginals force P = [[p, 1/2 - p], [1/2 - p, p]], and the cross ratio
+    P11 P22 / (P12 P21) = K11 K22 / (K12 K21) (K = exp(-C / eps)) survives Sinkhorn's diagonal
+    scalings, so p / (1/2 - p) = r = exp(-(C11 + C22 - C12 - C21) / (2 eps)) (docs/design.md §5)."""
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.5]])
+    y = torch.tensor([[0.2, -0.1], [1.5, 1.0]])
+    result = sinkhorn(x, y, SinkhornOptions(epsilon=epsilon, tol=1e-12, max_iter=2000, precision=precision))
+    c = dense_cost(x, y, "sqeuclidean")
+    r = math.exp(-(c[0, 0] + c[1, 1] - c[0, 1] - c[1, 0]).item() / (2 * result.eps))
+    p = r / (2 * (1 + r))
+    expected = torch.tensor([[p, 0.5 - p], [0.5 - p, p]], dtype=torch.float64)
+    torch.testing.assert_close(dense_plan(x, y, result, "sqeuclidean"), expected, rtol=0, atol=atol)
+
+
+def test_one_dimensional_exact_ot_sorts():
+    """In one dimension the optimal permutation is the monotone one: the i-th smallest source goes to
+    the i-th smallest target, for the squared cost."""
+    gen = torch.Generator().manual_seed(11)
+    x, y = torch.randn(64, 1, generator=gen), 3 * torch.rand(64, 1, generator=gen)
+    perm = exact_ot_assignment(x, y)
+    rank_x, rank_y = torch.argsort(torch.argsort(x[:, 0])), torch.argsort(torch.argsort(y[:, 0]))
+    assert torch.equal(rank_y[perm], rank_x)

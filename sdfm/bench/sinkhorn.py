@@ -34,7 +34,7 @@ rerun on the first n_ref points (halving n until it fits; ``f64_ref_n`` in the J
 the CPU/wall ratio of the timed runs (busy cores). The last column is a method's time per iteration
 divided by the best sdfm backend's.
 
-Sharded (``--ranks 1,2``): instead of the comparison above, the sharded solver
+Sharded (``--ranks 1 2``): instead of the comparison above, the sharded solver
 (``sdfm.distributed.sinkhorn.sharded_sinkhorn``) runs on R local gloo CPU ranks for each requested R,
 each rank holding n/R rows and all m columns, with ``--threads`` (default: all cores) divided between
 the ranks (at least one each). Rows report the time per iteration (the slowest rank's wall time of a

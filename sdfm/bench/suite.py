@@ -16,7 +16,7 @@ Each workload runs the existing benchmarks (``sdfm.bench.sinkhorn.run``, ``sdfm.
 which print their own rows as they go) and adds to every row:
 
 - achieved TFLOP/s, counting 4 n m d FLOPs per Sinkhorn iteration (the f- and g-update each
-  recompute the n x m scores) and 2 B N d per matching batch (DESIGN.md §8). POT stores the cost once
+  recompute the n x m scores) and 2 B N d per matching batch (docs/design.md §11). POT stores the cost once
   and does not recompute it, so its figure is an effective rate on the same count.
 - the share of the hardware peak: on a GPU the dense bf16 tensor-core peak of the device from
   ``GPU_BF16_PEAK`` (H100 SXM 989 TFLOP/s); on a CPU a peak measured at start by a large fp32 torch

@@ -1,4 +1,4 @@
-"""Semidiscrete matching (docs/design.md §5) against a dataset split across the ranks of a process group.
+"""Semidiscrete matching (docs/design.md §7, §9) against a dataset split across the ranks of a process group.
 
 Rank r holds a contiguous shard of the N data points, global ids offset_r .. offset_r + N_r - 1 in
 rank order, and the matching slice of the dual potential g, in a ``MatchIndex`` over its shard

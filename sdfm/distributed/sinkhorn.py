@@ -4,7 +4,7 @@ Rank r owns rows X_r (n_r of them; ranks may hold different counts, even none) o
 X = [X_0; X_1; ...] and all columns Y (all-gathered once per batch). ``sharded_sinkhorn`` checks the
 inputs of all ranks jointly and then runs the one Sinkhorn loop of ``sdfm.ot.sinkhorn`` with the
 group's ``Collectives``: the f-update is local, the g-update's logsumexp and the global means go
-through the group (docs/design.md §4). The result equals (up to float rounding of the reduction
+through the group (docs/design.md §5). The result equals (up to float rounding of the reduction
 order) ``sinkhorn`` on the concatenation of the ranks' rows in rank order, with the same stopping
 iteration on every rank.
 

@@ -2,7 +2,7 @@
 
 No pretrained Inception weights can be downloaded here, so image quality is measured as the FD between
 Gaussian fits of the penultimate-layer features of a classifier that the project trains itself on the
-real images (DESIGN §9). Values are comparable only between runs that use the same classifier file;
+real images (docs/design.md §12). Values are comparable only between runs that use the same classifier file;
 the file name carries the dataset's fingerprint, and its metadata the validation accuracy.
 """
 

@@ -1,7 +1,7 @@
 """Exact row samples of an entropic plan by the Gumbel-max trick, with counter-based noise.
 
 For each row i, j_i = argmax_j [(g_j - C_ij) / eps + G_ij] with G_ij i.i.d. Gumbel is an exact draw
-from the conditional plan P(j | i) (docs/design.md §4). The noise is a hash of (seed, global row id,
+from the conditional plan P(j | i) (docs/design.md §5). The noise is a hash of (seed, global row id,
 column id) instead of a stored matrix, so a draw does not depend on the block size or the backend,
 and a shard of rows draws exactly what those rows draw in the full batch.
 

@@ -1,6 +1,6 @@
 """Entropic optimal transport on a batch: one log-domain Sinkhorn loop, single-process or sharded.
 
-Convention (docs/design.md §4): uniform weights a = 1/n, b = 1/m and
+Convention (docs/design.md §5): uniform weights a = 1/n, b = 1/m and
 
     P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps),
     f_i = -eps log sum_j b_j exp((g_j - C_ij) / eps),

@@ -1,6 +1,6 @@
 """Maximum-inner-product search with a bias: the matching step of semidiscrete OT.
 
-For queries x_1..x_B and the N data points y_1..y_N with a dual potential g (docs/design.md §5),
+For queries x_1..x_B and the N data points y_1..y_N with a dual potential g (docs/design.md §7),
 ``MatchIndex.search`` answers
 
     k*(x) = argmax_j <x, y_j> + g_j

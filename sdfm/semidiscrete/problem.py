@@ -1,6 +1,6 @@
 """The semidiscrete OT problem between a source and the data, and its χ̂² convergence monitor.
 
-Problem (docs/design.md §5): source μ (standard normal unless ``sample_source`` says otherwise),
+Problem (docs/design.md §7): source μ (standard normal unless ``sample_source`` says otherwise),
 target ν = uniform on y_1..y_N, dot cost c(x, y) = -<x, y>. The semi-dual
 
     F(g) = E_{x~μ}[f_{g,ε}(x)] + <b, g>,   f_{g,ε}(x) = -ε log Σ_j b_j exp((g_j + <x, y_j>)/ε)

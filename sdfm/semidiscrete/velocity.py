@@ -5,7 +5,7 @@ y_{k(x0)}, k(x0) = argmax_j <x0, y_j> + g_j. A point x at time t < 1 lies on the
 
     k(t, x) = argmax_j [ <x, y_j> - (t/2)|y_j|^2 + (1 - t) g_j ],
 
-and v*(t, x) = (y_k - x) / (1 - t) (DESIGN §5; consistent with the proximal formulation of OT-CFM).
+and v*(t, x) = (y_k - x) / (1 - t) (docs/design.md §7; consistent with the proximal formulation of OT-CFM).
 Both brackets of the score at x_t = (1 - t) x0 + t y_k peak at j = k, which is why the search at time
 t recovers the t = 0 match. One MIPS per evaluation: the same index with the time-dependent bias
 -(t/2)|y|^2 + (1 - t) g swapped in.
