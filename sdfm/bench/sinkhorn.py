@@ -147,6 +147,12 @@ def _sdfm(epsilon: float, backend: str, block_size: int, device: torch.device) -
     return Method(f"sdfm {backend}", make, fixed_iters=True, f64="sdfm", unavailable=reason)
 
 
+def points(n: int, d: int, seed: int) -> tuple[Tensor, Tensor]:
+    """The benchmark's data on the CPU: x ~ N(0, I) (n, d) and y ~ N(1, I/4) (n, d)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=gen), 0.5 * torch.randn(n, d, generator=gen) + 1.0
+
+
 def reference_sinkhorn(x: Tensor, y: Tensor, epsilon: float, iters: int, block: int = 4096) -> tuple:
     """sdfm's Sinkhorn loop (``sdfm.ot.sinkhorn.sinkhorn_loop``) in float64: eps = epsilon * std(C),
     zero potentials, then ``iters`` times an f-update and a g-update (``sinkhorn`` itself computes
@@ -290,9 +296,7 @@ def run(args: SinkhornBench) -> list[dict]:
     rows = []
     for n in args.sizes:
         for d in args.dims:
-            gen = torch.Generator().manual_seed(args.seed)
-            x = torch.randn(n, d, generator=gen).to(device)
-            y = (0.5 * torch.randn(n, d, generator=gen) + 1.0).to(device)
+            x, y = (t.to(device) for t in points(n, d, args.seed))
             eps = args.epsilon * cost_std(x, y)
             cache: dict = {}
             group = [_measure(method, x, y, eps, args, cache) for method in methods(args, x, y, eps)]
@@ -320,9 +324,7 @@ def _sharded_rank(rank: int, world: int, n: int, d: int, backend: str, args: Sin
     from sdfm.distributed.collectives import all_gather_rows
     from sdfm.distributed.sinkhorn import sharded_sinkhorn
 
-    gen = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(n, d, generator=gen)
-    y = 0.5 * torch.randn(n, d, generator=gen) + 1.0
+    x, y = points(n, d, args.seed)
 
     def solve(rows: Tensor, cols: Tensor, iters: int):
         mine = torch.tensor_split(rows, world)[rank]
@@ -379,9 +381,7 @@ def _sharded(args: SinkhornBench) -> list[dict]:
     rows = []
     for n in args.sizes:
         for d in args.dims:
-            gen = torch.Generator().manual_seed(args.seed)
-            x = torch.randn(n, d, generator=gen)
-            y = 0.5 * torch.randn(n, d, generator=gen) + 1.0
+            x, y = points(n, d, args.seed)
             for backend in args.backends:
                 reason = triton_skip("cpu") if backend == "triton" else None
                 if reason is not None:  # the ranks run on the CPU

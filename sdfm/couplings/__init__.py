@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sdfm.config import CouplingConfig, PotentialConfig
-from sdfm.couplings.base import Coupling, MinibatchCoupling, Pairs, class_blocks
+from sdfm.couplings.base import Coupling, CouplingWrapper, MinibatchCoupling, Pairs, class_blocks
 from sdfm.couplings.exact import ExactOTCoupling
 from sdfm.couplings.independent import IndependentCoupling
 from sdfm.couplings.semidiscrete import SemidiscreteCoupling
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Coupling",
+    "CouplingWrapper",
     "ExactOTCoupling",
     "IndependentCoupling",
     "MinibatchCoupling",

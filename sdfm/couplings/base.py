@@ -64,6 +64,24 @@ class Coupling(ABC):
         del state
 
 
+class CouplingWrapper(Coupling):
+    """A coupling that gives another one (``inner``) a different form, such as its data-parallel one:
+    its state and diagnostics are the inner coupling's."""
+
+    def __init__(self, inner: Coupling) -> None:
+        self.inner = inner
+        self.per_class = inner.per_class
+
+    def stats(self) -> dict[str, float]:
+        return self.inner.stats()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.inner.load_state_dict(state)
+
+
 def class_blocks(labels: Tensor | None, n: int) -> list[Tensor]:
     """Row ids of each class present in ``labels`` (n,), increasing within a class, classes by value;
     one block of all n rows when ``labels`` is None. The per-class grouping of every minibatch coupling,

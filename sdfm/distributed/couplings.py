@@ -25,6 +25,7 @@ from torch import Tensor
 
 from sdfm.config import Config
 from sdfm.couplings import Coupling, MinibatchCoupling, Pairs, SinkhornCoupling, build_coupling
+from sdfm.couplings.base import CouplingWrapper
 from sdfm.couplings.semidiscrete import SemidiscreteCoupling
 from sdfm.data import Dataset
 from sdfm.distributed.collectives import GroupCollectives
@@ -100,7 +101,7 @@ class ShardedIndexView:
         self.sharded.set_potential(g)
 
 
-class ReplicatedCoupling(Coupling):
+class ReplicatedCoupling(CouplingWrapper):
     """A minibatch coupling solved on the gathered global batch by every rank (module docstring).
 
     Args:
@@ -110,8 +111,8 @@ class ReplicatedCoupling(Coupling):
     """
 
     def __init__(self, inner: MinibatchCoupling, rank: int, device: torch.device):
-        self.inner, self.rank, self.device = inner, rank, device
-        self.per_class = inner.per_class
+        super().__init__(inner)
+        self.rank, self.device = rank, device
 
     def pair(self, x0: Tensor, x1: Tensor, labels: Tensor | None, generator: torch.Generator) -> Pairs:
         b, home = x0.shape[0], x0.device
@@ -127,17 +128,8 @@ class ReplicatedCoupling(Coupling):
             index=full.index[rows],
         )
 
-    def stats(self) -> dict[str, float]:
-        return self.inner.stats()
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.inner.load_state_dict(state)
-
-
-class SharedPotentialCoupling(Coupling):
+class SharedPotentialCoupling(CouplingWrapper):
     """The semidiscrete coupling of one rank, with the potential kept equal on all ranks.
 
     Offers the potential interface of ``SemidiscreteCoupling`` (``set_potential``, ``watch``, ``g``,
@@ -151,8 +143,8 @@ class SharedPotentialCoupling(Coupling):
     """
 
     def __init__(self, inner: SemidiscreteCoupling, pg: ProcessGroup):
-        self.inner, self.pg = inner, pg
-        self.per_class = inner.per_class
+        super().__init__(inner)
+        self.pg = pg
         self._shared_version = inner.version
 
     @property
@@ -196,12 +188,6 @@ class SharedPotentialCoupling(Coupling):
             inner.set_potential(g, version, chi2, published_at)
         self._shared_version = version
         return True
-
-    def stats(self) -> dict[str, float]:
-        return self.inner.stats()
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.inner.state_dict()
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.inner.load_state_dict(state)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from sdfm.couplings.base import Coupling, Pairs, class_blocks
+from sdfm.couplings.base import CouplingWrapper, Pairs, class_blocks
 from sdfm.couplings.sinkhorn import SinkhornCoupling
 from sdfm.distributed.collectives import GroupCollectives, agree
 from sdfm.ot.gumbel import draw_seed
@@ -108,7 +108,7 @@ def sharded_sinkhorn(
     return sinkhorn_loop(x_local, y, options, comm=comm, f_init=f_init, g_init=g_init)
 
 
-class ShardedSinkhornCoupling(Coupling):
+class ShardedSinkhornCoupling(CouplingWrapper):
     """``SinkhornCoupling`` of the global batch (all ranks' rows), solved jointly by the ranks.
 
     ``pair`` takes this rank's part of the batch and returns this rank's pairs; with the same seed
@@ -137,8 +137,8 @@ class ShardedSinkhornCoupling(Coupling):
     """
 
     def __init__(self, inner: SinkhornCoupling, comm: GroupCollectives) -> None:
-        self.inner, self.comm = inner, comm
-        self.per_class = inner.per_class
+        super().__init__(inner)
+        self.comm = comm
         self._comm_s = self._total_s = 0.0
 
     def _solve(self, x: Tensor, y: Tensor, options: SinkhornOptions, g_init: Tensor | None):
@@ -202,9 +202,3 @@ class ShardedSinkhornCoupling(Coupling):
         if stats:
             stats.update(sinkhorn_comm_ms=1e3 * self._comm_s, sinkhorn_total_ms=1e3 * self._total_s)
         return stats
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.inner.load_state_dict(state)
