@@ -5,6 +5,7 @@ Layout of ``RUN/checkpoints/step-00001000/``::
     model.safetensors, ema.safetensors     weights (string metadata: step, fingerprint)
     coupling.safetensors                   coupling state (warm-start potentials, ...)
     optimizer.pt, scheduler.pt             torch.save'd state dicts (loaded with weights_only=True)
+    scaler.pt                              the fp16 gradient scaler's state (train.precision = 'fp16')
     trainer_state.json                     step, data position, world size, ... and the sha256 of every file
 
 The trainer's random draws are functions of (seed, step, row) (``sdfm.data.noise``), so no generator
@@ -78,6 +79,10 @@ class Checkpoint:
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The tensors of ``name.safetensors`` (verified when the checkpoint was opened)."""
         return load((self.path / f"{name}.safetensors").read_bytes())
+
+    def has(self, filename: str) -> bool:
+        """Whether the checkpoint recorded (and verified) the file ``filename``."""
+        return filename in self.state.get("files", {})
 
     def object(self, name: str) -> Any:
         """A torch.save'd state dict ``name.pt`` (weights_only: no code runs on load)."""

@@ -171,6 +171,13 @@ class TrainConfig:
     """Seed of every random draw in training (noise, times, data order, coupling samples)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: 'auto' uses CUDA when present."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Forward pass and loss under torch.autocast in bf16 or fp16 (fp16 with a gradient scaler);
+    weights, optimizer state and EMA stay fp32. 'auto': bf16 on CUDA, fp32 on the CPU."""
+    compile: bool = False
+    """torch.compile the model (the first steps compile it: tens of seconds)."""
+    tf32: bool = True
+    """On CUDA, let fp32 matrix products and convolutions use TF32 tensor cores."""
     log_every: int = 100
     """Print one log line and write metrics every this many steps."""
     ckpt_every: int = 1000

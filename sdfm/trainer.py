@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sdfm import amp
 from sdfm import config as config_mod
 from sdfm.checkpoint import CheckpointManager
 from sdfm.config import Config
@@ -83,6 +84,10 @@ class Trainer:
         self.pg = pg if pg is not None else ProcessGroup(DistEnv(), torch.device("cpu"))
         self.rank, self.world = self.pg.env.rank, self.pg.env.world_size
         self.device = device_for(self.pg.env, cfg.train.device)
+        self.precision = amp.resolve_precision(cfg.train.precision, self.device)
+        if self.device.type == "cuda" and cfg.train.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         if cfg.train.batch_size % self.world:
             raise AgreedError(
                 f"train.batch_size={cfg.train.batch_size} (the global batch) does not divide over {self.world} ranks; "
@@ -111,6 +116,9 @@ class Trainer:
             if self.world > 1
             else self.model
         )
+        # What the step calls: the (DDP) model, compiled when asked; its parameters are self.model's.
+        self.forward = torch.compile(self.ddp) if cfg.train.compile else self.ddp
+        self.scaler = amp.grad_scaler(self.precision, self.device)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
         )
@@ -155,15 +163,18 @@ class Trainer:
         x0, x1 = pairs.x0, pairs.x1
         tb = t.view(-1, *[1] * (x0.dim() - 1))
         xt = (1 - tb) * x0 + tb * x1
-        pred = self.ddp(t, xt, None if pairs.labels is None else pairs.labels.to(dev))
-        loss = F.mse_loss(pred, x1 - x0)
+        with amp.autocast(self.precision, dev):
+            pred = self.forward(t, xt, None if pairs.labels is None else pairs.labels.to(dev))
+            loss = F.mse_loss(pred.float(), x1 - x0)
 
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()  # the scaler passes everything through unless fp16
+        self.scaler.unscale_(self.optimizer)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         self.step += 1
         self.ema.update(self.model, step=self.step)
@@ -190,7 +201,8 @@ class Trainer:
         monitor.print(
             f"training {self.data.name} ({len(self.data)} points, shape {self.data.shape}) with the "
             f"{cfg.coupling.kind} coupling on {self.device}: steps {self.step}->{cfg.train.steps}, "
-            f"batch {cfg.train.batch_size}{ranks}, {sum(p.numel() for p in self.model.parameters()):,} parameters"
+            f"batch {cfg.train.batch_size}{ranks}, {sum(p.numel() for p in self.model.parameters()):,} parameters, "
+            f"{amp.describe(self.precision)}{', compiled' if cfg.train.compile else ''}"
         )
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         window_t, window_n = time.perf_counter(), 0
@@ -291,7 +303,11 @@ class Trainer:
                 "ema": self.ema.state_dict(),
                 "coupling": self.coupling.state_dict(),
             },
-            objects={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            objects={
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
+            },
             state={
                 "version": CHECKPOINT_VERSION,
                 "data_position": self.stream.state_dict(),
@@ -328,6 +344,8 @@ class Trainer:
         self.coupling.load_state_dict(ckpt.tensors("coupling"))
         self.optimizer.load_state_dict(ckpt.object("optimizer"))
         self.scheduler.load_state_dict(ckpt.object("scheduler"))
+        if self.scaler.is_enabled() and ckpt.has("scaler.pt"):  # fp16: the loss scale carries over
+            self.scaler.load_state_dict(ckpt.object("scaler"))
         self.stream.load_state_dict(state["data_position"])
         self.step = ckpt.step
         info(f"resumed from {ckpt.path} (step {ckpt.step})")
