@@ -59,7 +59,20 @@ class ModelConfig:
     depth: int = 3
     """MLP hidden layers."""
     channels: int = 32
-    """U-Net base channel count (doubled at the lower resolution)."""
+    """U-Net base width c (128 in the OT-CFM CIFAR-10 network)."""
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
+    """U-Net width of each resolution level in units of channels; its length is the number of levels
+    ([1, 2, 2, 2] in the OT-CFM CIFAR-10 network)."""
+    num_res_blocks: int = 1
+    """U-Net residual blocks per level (2 in the OT-CFM CIFAR-10 network)."""
+    attention_resolutions: list[int] = field(default_factory=list)
+    """Feature-map sides at which the U-Net adds self-attention ([16] in the OT-CFM CIFAR-10 network)."""
+    dropout: float = 0.0
+    """U-Net dropout inside the residual blocks (0.1 in the OT-CFM CIFAR-10 network)."""
+    head_channels: int = 64
+    """Channels per U-Net attention head."""
+    horizon_input: bool = False
+    """Give the network a second time input, the horizon h of a mean-flow model u(x, t, t + h)."""
     ema_decay: float = 0.999
     """Decay of the exponential moving average of the weights used for sampling (0 disables EMA)."""
 
@@ -290,6 +303,22 @@ def validate(cfg: Config) -> Config:
         c.model.channels,
         "a multiple of 8",
     )
+    m = c.model
+    need(
+        bool(m.channel_mult) and min(m.channel_mult) >= 1,
+        "model.channel_mult",
+        m.channel_mult,
+        "positive integers",
+    )
+    need(m.num_res_blocks >= 1, "model.num_res_blocks", m.num_res_blocks, ">= 1")
+    need(
+        all(r >= 1 for r in m.attention_resolutions),
+        "model.attention_resolutions",
+        m.attention_resolutions,
+        "positive sides",
+    )
+    need(0 <= m.dropout < 1, "model.dropout", m.dropout, "in [0, 1)")
+    need(m.head_channels >= 1, "model.head_channels", m.head_channels, ">= 1")
     need(c.data.num_points >= 2, "data.num_points", c.data.num_points, ">= 2")
     need(c.data.num_eval >= 2, "data.num_eval", c.data.num_eval, ">= 2")
     need(c.data.max_points >= 0, "data.max_points", c.data.max_points, ">= 0")

@@ -57,14 +57,7 @@ def load_run(run_dir: Path, ema: bool = True) -> LoadedRun:
             f"run {run_dir} has no checkpoint yet; train it first (sdfm train --run-dir {run_dir} --resume)"
         )
     data = load_dataset(cfg.data)
-    model = build_model(
-        cfg.model.kind,
-        data.shape,
-        data.num_classes if cfg.data.conditional else 0,
-        cfg.model.hidden,
-        cfg.model.depth,
-        cfg.model.channels,
-    )
+    model = build_model(cfg.model, data.shape, data.num_classes if cfg.data.conditional else 0)
     model.load_state_dict(ckpt.tensors("ema" if ema else "model"))
     model.eval()
     potential = ckpt.tensors("coupling").get("g") if cfg.coupling.kind == "semidiscrete" else None

@@ -100,12 +100,7 @@ class Trainer:
         self.conditional = cfg.data.conditional
         torch.manual_seed(cfg.train.seed)  # model initialization only: step draws come from data.noise
         self.model = build_model(
-            cfg.model.kind,
-            self.data.shape,
-            self.data.num_classes if self.conditional else 0,
-            cfg.model.hidden,
-            cfg.model.depth,
-            cfg.model.channels,
+            cfg.model, self.data.shape, self.data.num_classes if self.conditional else 0
         ).to(self.device)
         self.ema = EMA(self.model, cfg.model.ema_decay)
         # DDP broadcasts rank 0's initial weights and averages gradients in backward.

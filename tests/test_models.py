@@ -4,8 +4,14 @@ import pytest
 import torch
 from torch import nn
 
+from sdfm.config import ModelConfig
 from sdfm.errors import UserError
-from sdfm.models import EMA, MLP, FlatMLP, UNet, build_model
+from sdfm.models import CIFAR10_UNET, EMA, MLP, FlatMLP, UNet, build_model, parameter_count
+from sdfm.models.unet import Attention
+
+
+def _cfg(kind="auto", **kw) -> ModelConfig:
+    return ModelConfig(kind=kind, hidden=16, depth=2, channels=8, **kw)
 
 
 def _inputs(shape, batch=4, seed=0):
@@ -16,7 +22,7 @@ def _inputs(shape, batch=4, seed=0):
 @pytest.mark.parametrize("num_classes", [0, 10])
 @pytest.mark.parametrize("size", [28, 8])
 def test_unet_shapes(size, num_classes):
-    model = UNet(in_channels=1, image_size=size, channels=16, num_classes=num_classes)
+    model = UNet(in_channels=1, image_size=size, channels=16, channel_mult=(1, 2, 2), num_classes=num_classes)
     t, x = _inputs((1, size, size))
     assert model(t, x).shape == x.shape
     if num_classes:
@@ -51,35 +57,67 @@ def test_unconditional_model_rejects_labels():
 
 @pytest.mark.parametrize(
     "model, shape",
-    [(MLP(4, hidden=16, depth=2, num_classes=3), (4,)), (UNet(1, 8, channels=8, num_classes=3), (1, 8, 8))],
+    [
+        (MLP(4, hidden=16, depth=2, num_classes=3, horizon_input=True), (4,)),
+        (UNet(1, 8, channels=8, attention_resolutions=(4,), num_classes=3, horizon_input=True), (1, 8, 8)),
+    ],
 )
 def test_gradients_reach_every_parameter(model, shape):
+    # Zero-initialized output layers (every U-Net block starts as the identity) block gradients at
+    # initialization by design; with random weights every parameter must be connected to the output.
+    _perturb(model, 5)
     t, x = _inputs(shape)
     labels = torch.tensor([0, 1, 2, 3])
-    model(t, x, labels).pow(2).sum().backward()
+    model(t, x, labels, horizon=torch.rand(4)).pow(2).sum().backward()
     for name, param in model.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
-def test_time_changes_the_output():
-    model = UNet(1, 8, channels=8)
+def test_time_and_horizon_change_the_output():
+    model = UNet(1, 8, channels=8, horizon_input=True)
+    _perturb(model, 6)
     _, x = _inputs((1, 8, 8))
     assert not torch.allclose(model(torch.zeros(4), x), model(torch.ones(4), x))
+    h = torch.full((4,), 0.5)
+    assert not torch.allclose(model(torch.zeros(4), x), model(torch.zeros(4), x, horizon=h))
+    # No horizon means h = 0: the instantaneous velocity u(x, t, t) = v(t, x).
+    torch.testing.assert_close(model(torch.zeros(4), x), model(torch.zeros(4), x, horizon=torch.zeros(4)))
+    with pytest.raises(ValueError, match="horizon_input"):
+        UNet(1, 8, channels=8)(torch.zeros(4), x, horizon=h)
 
 
 def test_unet_rejects_bad_sizes():
-    with pytest.raises(ValueError, match="multiple of 4"):
-        UNet(1, 10)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        UNet(1, 8, channels=12)
+    with pytest.raises(ValueError, match="too small"):
+        UNet(1, 2, channel_mult=(1, 2, 2, 2))
+    with pytest.raises(ValueError, match="even channels"):
+        UNet(1, 8, channels=7)
     with pytest.raises(ValueError, match="expects x of shape"):
         UNet(1, 8, channels=8)(torch.rand(2), torch.randn(2, 1, 4, 4))
 
 
+def test_cifar10_unet_is_the_ot_cfm_network():
+    """The OT-CFM / TorchCFM CIFAR-10 U-Net (128 channels, multipliers 1-2-2-2, two blocks per level,
+    attention at 16x16, dropout 0.1): TorchCFM's UNetModel of that configuration has 35,746,307
+    parameters."""
+    model = UNet(3, 32, **CIFAR10_UNET)
+    assert parameter_count(model) == 35_746_307
+    sides = {m.norm.num_channels for m in model.modules() if isinstance(m, Attention)}
+    assert sides == {256}  # attention only at the 16x16 level (width 2c) and in the middle
+    assert any(isinstance(m, nn.Dropout) and m.p == 0.1 for m in model.modules())
+
+
+def test_unet_handles_sides_that_are_not_powers_of_two():
+    model = UNet(1, 28, channels=8, channel_mult=(1, 2, 2), attention_resolutions=(14, 7))
+    t, x = _inputs((1, 28, 28))
+    assert model(t, x).shape == x.shape
+    # one block per level on the way down (14, 7), two on the way up (7, 14), and the middle
+    assert sum(isinstance(m, Attention) for m in model.modules()) == 2 + 4 + 1
+
+
 def test_build_model_auto_choice():
-    assert isinstance(build_model("auto", (1, 8, 8), 0, 16, 2, 8), UNet)
-    assert isinstance(build_model("auto", (2,), 0, 16, 2, 8), MLP)
-    flat = build_model("mlp", (1, 8, 8), 10, 16, 2, 8)
+    assert isinstance(build_model(_cfg(), (1, 8, 8), 0), UNet)
+    assert isinstance(build_model(_cfg(), (2,), 0), MLP)
+    flat = build_model(_cfg("mlp"), (1, 8, 8), 10)
     assert isinstance(flat, FlatMLP)
     t, x = _inputs((1, 8, 8))
     assert flat(t, x, torch.tensor([0, 1, 2, 3])).shape == x.shape
@@ -87,19 +125,19 @@ def test_build_model_auto_choice():
 
 def test_build_model_errors():
     with pytest.raises(UserError, match="model.kind='unet' needs image data.*'mlp' or 'auto'"):
-        build_model("unet", (2,), 0, 16, 2, 8)
+        build_model(_cfg("unet"), (2,), 0)
     with pytest.raises(UserError, match="model.kind='transformer'"):
-        build_model("transformer", (2,), 0, 16, 2, 8)
-    with pytest.raises(UserError, match="divisible by 4"):
-        build_model("unet", (1, 10, 10), 0, 16, 2, 8)
+        build_model(_cfg("transformer"), (2,), 0)
+    with pytest.raises(UserError, match="square images of side at least 8"):
+        build_model(_cfg("unet", channel_mult=[1, 2, 2, 2]), (1, 4, 4), 0)
     with pytest.raises(UserError, match="model.channels"):
-        build_model("unet", (1, 8, 8), 0, 16, 2, 12)
+        build_model(ModelConfig(kind="unet", channels=12), (1, 8, 8), 0)
 
 
 def test_models_are_deterministic_given_seed():
     def build_and_run():
         torch.manual_seed(123)
-        model = build_model("auto", (1, 8, 8), 10, 16, 2, 8)
+        model = build_model(_cfg(), (1, 8, 8), 10)
         t, x = _inputs((1, 8, 8), seed=1)
         return model(t, x, torch.tensor([0, 1, 2, 3]))
 

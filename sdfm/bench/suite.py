@@ -46,6 +46,8 @@ import torch
 
 from sdfm.bench import match, sinkhorn
 from sdfm.bench.common import default_device, machine_info, set_threads, sync, timed, write_json
+from sdfm.config import ModelConfig
+from sdfm.models.unet import CIFAR10_UNET
 
 GPU_BF16_PEAK = (
     ("H100 PCIe", 756e12),
@@ -65,11 +67,18 @@ MATCH_FLOOR_S = 2 * 4096 * 1_281_167 * 3072 / 989e12
 
 @dataclass(frozen=True)
 class TrainStep:
-    """One flow-matching training step beside the matching of its batch (goal: matching < 10%)."""
+    """One flow-matching training step beside the matching of its batch (goal: matching < 10%).
+
+    Attributes:
+        batch: images per step.
+        shape: (C, H, W) of one image.
+        model: the U-Net (the OT-CFM CIFAR-10 network on the GPU workload).
+        n: points the batch is matched against.
+    """
 
     batch: int
     shape: tuple[int, int, int]
-    channels: int
+    model: ModelConfig
     n: int
 
 
@@ -90,6 +99,10 @@ class Workload:
     peak_size: int
 
 
+def _unet(**kwargs) -> ModelConfig:
+    return ModelConfig(kind="unet", **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()})
+
+
 _ALL_SINKHORN = (("torch", "keops", "triton"), ("pot", "geomloss", "flash"))
 WORKLOADS = {
     "gpu": Workload(
@@ -100,7 +113,7 @@ WORKLOADS = {
         match_n=(50_000, 1_281_167),
         match_d=3072,
         match_b=(256, 1024, 4096),
-        train=TrainStep(batch=256, shape=(3, 32, 32), channels=128, n=1_281_167),
+        train=TrainStep(batch=256, shape=(3, 32, 32), model=_unet(**CIFAR10_UNET), n=1_281_167),
         budget=60.0,
         mem_gb=64.0,
         peak_size=8192,
@@ -113,7 +126,7 @@ WORKLOADS = {
         match_n=(20_000, 200_000),
         match_d=256,
         match_b=(256, 1024, 4096),
-        train=TrainStep(batch=256, shape=(1, 16, 16), channels=32, n=200_000),
+        train=TrainStep(batch=256, shape=(1, 16, 16), model=_unet(channels=32), n=200_000),
         budget=45.0,
         mem_gb=8.0,
         peak_size=4096,
@@ -126,7 +139,7 @@ WORKLOADS = {
         match_n=(2000,),
         match_d=16,
         match_b=(64,),
-        train=TrainStep(batch=16, shape=(1, 8, 8), channels=8, n=2000),
+        train=TrainStep(batch=16, shape=(1, 8, 8), model=_unet(channels=8), n=2000),
         budget=5.0,
         mem_gb=1.0,
         peak_size=512,
@@ -234,14 +247,17 @@ def _match_rows(w: Workload, args: SuiteBench, peak: float) -> list[dict]:
 
 
 def train_step(t: TrainStep, device: torch.device, repeats: int) -> dict:
-    """Time one training step of the sdfm U-Net (fp32, AdamW; forward, MSE, backward, update) and the
-    matching of its batch (``MatchIndex(backend='torch')`` against t.n synthetic points): the share of
-    a step spent matching, if the coupling ran in the step (as ``Trainer.train_step`` does)."""
+    """Time one training step of the sdfm U-Net (AdamW; forward and MSE under the device's default
+    precision, bf16 autocast on CUDA; backward, update) and the matching of its batch
+    (``MatchIndex(backend='torch')`` against t.n synthetic points): the share of a step spent
+    matching, if the coupling ran in the step (as ``Trainer.train_step`` does)."""
+    from sdfm import amp
     from sdfm.models import build_model
     from sdfm.semidiscrete import MatchIndex
 
     gen = torch.Generator().manual_seed(0)
-    model = build_model("unet", t.shape, 0, hidden=128, depth=3, channels=t.channels).to(device)
+    precision = amp.resolve_precision("auto", device)
+    model = build_model(t.model, t.shape, 0).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x0 = torch.randn(t.batch, *t.shape, generator=gen).to(device)
     x1 = torch.randn(t.batch, *t.shape, generator=gen).to(device)
@@ -249,7 +265,8 @@ def train_step(t: TrainStep, device: torch.device, repeats: int) -> dict:
 
     def step() -> None:
         xt = (1 - tt.view(-1, 1, 1, 1)) * x0 + tt.view(-1, 1, 1, 1) * x1
-        loss = torch.nn.functional.mse_loss(model(tt, xt), x1 - x0)
+        with amp.autocast(precision, device):
+            loss = torch.nn.functional.mse_loss(model(tt, xt).float(), x1 - x0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -264,7 +281,8 @@ def train_step(t: TrainStep, device: torch.device, repeats: int) -> dict:
         timings[name] = statistics.median(timed(fn, device)[0] for _ in range(repeats))
     share = timings["match_s"] / (timings["match_s"] + timings["step_s"])
     params = sum(p.numel() for p in model.parameters())
-    return asdict(t) | timings | {"params": params, "match_share": share, "device": str(device)}
+    info = {"params": params, "match_share": share, "device": str(device), "precision": precision}
+    return asdict(t) | timings | info
 
 
 def _best(rows: list[dict], key: str, **where) -> dict | None:
@@ -414,8 +432,8 @@ def _print_tables(
             f"{100 * r['peak_share']:>5.1f}% {f64:>6} {r['cpu_util']:>4.1f} {ratios}"
         )
     print(
-        f"\n== Training step: U-Net {train['shape']} channels {train['channels']} ({train['params']:,} params), "
-        f"batch {train['batch']} on {train['device']}: step {1e3 * train['step_s']:.0f} ms, matching against "
+        f"\n== Training step: U-Net {train['shape']} channels {train['model']['channels']} ({train['params']:,} params, "
+        f"{train['precision']}), batch {train['batch']} on {train['device']}: step {1e3 * train['step_s']:.0f} ms, matching against "
         f"N={train['n']:,} {1e3 * train['match_s']:.0f} ms -> {100 * train['match_share']:.1f}% of step + matching"
     )
     print("\n== Goals")
