@@ -55,7 +55,7 @@ class Tiles:
     num_stages: int
 
 
-def tiles(d: int, dtype: torch.dtype) -> Tiles:
+def tiles(d: int, dtype: torch.dtype, tf32: bool | None = None) -> Tiles:
     """The launch configuration for inputs of dimension d and this dtype.
 
     On tensor cores (16-bit inputs, or fp32 under TF32) 128 x 64 score tiles with 8 warps, the shape of
@@ -67,7 +67,7 @@ def tiles(d: int, dtype: torch.dtype) -> Tiles:
     """
     widest = 32 if dtype == torch.float32 else 64
     block_d = min(widest, max(16, 1 << max(d - 1, 0).bit_length()))
-    if _precision(dtype) == "ieee":
+    if _precision(dtype, tf32) == "ieee":
         return Tiles(block_m=64, block_n=64, block_d=block_d, num_warps=4, num_stages=3)
     return Tiles(block_m=128, block_n=64, block_d=block_d, num_warps=8, num_stages=3)
 
@@ -146,13 +146,15 @@ def _prepare(a: Tensor, b: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return a.contiguous(), b.contiguous(), h.to(torch.float32).contiguous()
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: for fp32, follow torch's own switch (torch.set_float32_matmul_precision):
-    exact fp32 products by default, TF32 tensor cores when torch is allowed them. 16-bit inputs always
-    use the tensor cores (the argument only matters for fp32)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
+def _precision(dtype: torch.dtype, tf32: bool | None = None) -> str:
+    """tl.dot input precision for fp32 inputs: TF32 tensor cores when ``tf32`` is True, exact fp32
+    products when False, and with None torch's own switch (torch.set_float32_matmul_precision: exact
+    by default). 16-bit inputs always use the tensor cores (the argument only matters for fp32)."""
+    if dtype != torch.float32:
+        return "tf32"
+    if tf32 is None:
+        tf32 = torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if tf32 else "ieee"
 
 
 def _splits(
@@ -179,6 +181,7 @@ def _launch(
     inputs: tuple[Tensor, ...],
     out_dtypes: tuple[torch.dtype, ...],
     splits: int | None,
+    tf32: bool | None = None,
     **constexprs,
 ) -> tuple[Tensor, ...]:
     """Launch kernel ``name`` over (row tiles, column splits); returns its (splits, n) outputs."""
@@ -187,7 +190,7 @@ def _launch(
     n, d = a.shape
     m = b.shape[0]
     interpret = interpret_mode()
-    t = tiles(d, a.dtype)
+    t = tiles(d, a.dtype, tf32)
     splits, cols_per_split = _splits(n, m, t, a.device, interpret, splits)
     outputs = tuple(torch.empty((splits, n), dtype=dtype, device=a.device) for dtype in out_dtypes)
     kernel = compiled(name, interpret)
@@ -210,7 +213,7 @@ def _launch(
             BLOCK_M=t.block_m,
             BLOCK_N=t.block_n,
             BLOCK_D=t.block_d,
-            PRECISION=_precision(a.dtype),
+            PRECISION=_precision(a.dtype, tf32),
             # Triton 3.9's interpreter multiplies 16-bit floats as their raw integer storage in
             # tl.dot, so there the tiles are widened to fp32 first (16-bit products are exact in fp32).
             UPCAST=interpret and a.dtype != torch.float32,
@@ -222,7 +225,7 @@ def _launch(
     return outputs
 
 
-def lse(a: Tensor, b: Tensor, h: Tensor, *, splits: int | None = None) -> Tensor:
+def lse(a: Tensor, b: Tensor, h: Tensor, *, splits: int | None = None, tf32: bool | None = None) -> Tensor:
     """out_i = logsumexp_j (h_j + <a_i, b_j>), fused: no (n, m) matrix is ever stored.
 
     Args:
@@ -230,6 +233,7 @@ def lse(a: Tensor, b: Tensor, h: Tensor, *, splits: int | None = None) -> Tensor
         b: (m, d) columns, same dtype as a; m >= 1.
         h: (m,) bias, used in float32.
         splits: column splits (default: about two programs per SM on a GPU, 1 in the interpreter).
+        tf32: fp32 inputs on TF32 tensor cores (True), exact (False), or torch's setting (None).
 
     Returns:
         (n,) float32.
@@ -237,11 +241,11 @@ def lse(a: Tensor, b: Tensor, h: Tensor, *, splits: int | None = None) -> Tensor
     a, b, h = _prepare(a, b, h)
     if a.shape[0] == 0:
         return h.new_empty(0)
-    (partial,) = _launch("lse_kernel", a, b, h, (), (torch.float32,), splits)
+    (partial,) = _launch("lse_kernel", a, b, h, (), (torch.float32,), splits, tf32)
     return partial[0] if partial.shape[0] == 1 else torch.logsumexp(partial, 0)
 
 
-def argmax(a: Tensor, b: Tensor, h: Tensor, *, splits: int | None = None) -> Argmax:
+def argmax(a: Tensor, b: Tensor, h: Tensor, *, splits: int | None = None, tf32: bool | None = None) -> Argmax:
     """max_j and argmax_j (h_j + <a_i, b_j>) per row (ties: smallest j), fused.
 
     Args:
@@ -249,15 +253,18 @@ def argmax(a: Tensor, b: Tensor, h: Tensor, *, splits: int | None = None) -> Arg
         b: (m, d) columns (keys), same dtype as a; m >= 1.
         h: (m,) bias, used in float32.
         splits: column splits (see ``lse``).
+        tf32: fp32 inputs on TF32 tensor cores (see ``lse``).
 
     Returns:
         Argmax of (n,) float32 values and (n,) int64 indices into b.
     """
     a, b, h = _prepare(a, b, h)
-    return _argmax(a, b, h, None, splits)
+    return _argmax(a, b, h, None, splits, tf32)
 
 
-def gumbel_argmax(a: Tensor, b: Tensor, h: Tensor, row_keys: Tensor, *, splits: int | None = None) -> Argmax:
+def gumbel_argmax(
+    a: Tensor, b: Tensor, h: Tensor, row_keys: Tensor, *, splits: int | None = None, tf32: bool | None = None
+) -> Argmax:
     """argmax_j (h_j + <a_i, b_j> + G_ij) with G_ij the counter-based Gumbel noise of ``sample_rows``.
 
     G_ij = -log(-log(u)), u = (hash32((row_keys_i + j) mod 2^32) + 0.5) / 2^32, computed in float64 and
@@ -270,6 +277,7 @@ def gumbel_argmax(a: Tensor, b: Tensor, h: Tensor, row_keys: Tensor, *, splits: 
         h: (m,) bias, used in float32.
         row_keys: (n,) integer keys of the rows (taken mod 2^32), e.g. hash32(hash32(seed) ^ i).
         splits: column splits (see ``lse``).
+        tf32: fp32 inputs on TF32 tensor cores (see ``lse``).
 
     Returns:
         Argmax of (n,) float32 noisy maxima and (n,) int64 indices into b.
@@ -281,17 +289,19 @@ def gumbel_argmax(a: Tensor, b: Tensor, h: Tensor, row_keys: Tensor, *, splits: 
         )
     keys = row_keys.to(a.device, torch.int64) & 0xFFFFFFFF
     keys = torch.where(keys >= 2**31, keys - 2**32, keys).to(torch.int32)  # the uint32 bit patterns
-    return _argmax(a, b, h, keys, splits)
+    return _argmax(a, b, h, keys, splits, tf32)
 
 
-def _argmax(a: Tensor, b: Tensor, h: Tensor, keys: Tensor | None, splits: int | None) -> Argmax:
+def _argmax(
+    a: Tensor, b: Tensor, h: Tensor, keys: Tensor | None, splits: int | None, tf32: bool | None
+) -> Argmax:
     n = a.shape[0]
     if n == 0:
         return Argmax(h.new_empty(0), torch.empty(0, dtype=torch.long, device=a.device))
     # Without noise the keys pointer is never read; h stands in for it.
     inputs = (h if keys is None else keys,)
     values, index = _launch(
-        "argmax_kernel", a, b, h, inputs, (torch.float32, torch.int64), splits, GUMBEL=keys is not None
+        "argmax_kernel", a, b, h, inputs, (torch.float32, torch.int64), splits, tf32, GUMBEL=keys is not None
     )
     if values.shape[0] == 1:
         return Argmax(values[0], index[0])

@@ -104,6 +104,14 @@ class CouplingConfig:
     """If > epsilon, anneal the relative epsilon geometrically from this value down to epsilon."""
     block_size: int = 4096
     """Rows/columns per block in the blocked torch backend (bounds memory to block_size^2 floats)."""
+    shard_above: int = 4096
+    """In a data-parallel job, solve Sinkhorn sharded over the ranks when the global batch has more rows
+    than this; at or below it every rank solves the whole batch itself (small solves are bound by the
+    collectives' latency: on 2 CPU ranks with gloo sharding paid off from 8,192 rows)."""
+    precision: Literal["fp32", "tf32", "bf16", "bf16x3"] = "fp32"
+    """Precision of the Sinkhorn score products: exact fp32, TF32 or bf16 tensor cores (fp32
+    accumulation), or bf16x3 (three bf16 products, about 16-bit mantissas; torch backend). Potentials,
+    logsumexps and the marginal error stay fp32."""
 
 
 @dataclass(kw_only=True)
@@ -264,6 +272,7 @@ def validate(cfg: Config) -> Config:
     need(c.coupling.tol > 0, "coupling.tol", c.coupling.tol, "> 0")
     need(c.coupling.check_every >= 1, "coupling.check_every", c.coupling.check_every, ">= 1")
     need(c.coupling.block_size >= 1, "coupling.block_size", c.coupling.block_size, ">= 1")
+    need(c.coupling.shard_above >= 0, "coupling.shard_above", c.coupling.shard_above, ">= 0")
     p = c.potential
     need(p.epsilon >= 0 and math.isfinite(p.epsilon), "potential.epsilon", p.epsilon, ">= 0")
     need(p.batch_size >= 2, "potential.batch_size", p.batch_size, ">= 2")

@@ -28,6 +28,7 @@ from sdfm import amp
 from sdfm import config as config_mod
 from sdfm.checkpoint import CheckpointManager
 from sdfm.config import Config
+from sdfm.couplings import check_coupling_config
 from sdfm.data import Dataset, DataStream, load_dataset
 from sdfm.data.noise import draw_rows, step_generator
 from sdfm.distributed.couplings import rank_coupling
@@ -358,6 +359,7 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite:
     """Set up the run folder and train (the body of ``sdfm train``), as one process or as this rank of
     a torchrun / accelerate job."""
     config_mod.validate(cfg)
+    check_coupling_config(cfg.coupling)
     env = detect()
     set_main_process(env.is_main)
     dataset = load_dataset(cfg.data)  # fail on bad data before touching the run folder

@@ -105,12 +105,20 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 @pytest.mark.parametrize(
-    ("kind", "nproc"), [("independent", 2), ("exact", 3), ("sinkhorn", 2), ("semidiscrete", 2)]
+    ("kind", "nproc", "extra"),
+    [
+        ("independent", 2, ()),
+        ("exact", 3, ()),
+        ("sinkhorn", 2, ("--coupling.shard_above", "0")),  # solved jointly by the ranks
+        ("sinkhorn", 3, ()),  # 48 rows: below shard_above, every rank solves the whole batch
+        ("semidiscrete", 2, ()),
+    ],
+    ids=["independent", "exact", "sinkhorn-sharded", "sinkhorn-replicated", "semidiscrete"],
 )
-def test_ddp_matches_single_process(tmp_path, kind, nproc):
+def test_ddp_matches_single_process(tmp_path, kind, nproc, extra):
     """W ranks with per-rank batch 48 / W train the same model as one process with batch 48."""
-    ref = single_process(tmp_path / "one", kind, 20)
-    proc = run(torchrun(nproc, tmp_path / "ddp", "--coupling.kind", kind, "--train.steps", "20"))
+    ref = single_process(tmp_path / "one", kind, 20, extra)
+    proc = run(torchrun(nproc, tmp_path / "ddp", "--coupling.kind", kind, "--train.steps", "20", *extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"over {nproc} ranks ({48 // nproc} each)" in proc.stderr
     assert_same_weights(final_weights(tmp_path / "ddp"), {k: v for k, v in ref.model.state_dict().items()})

@@ -218,3 +218,51 @@ def test_one_dimensional_exact_ot_sorts():
     perm = exact_ot_assignment(x, y)
     rank_x, rank_y = torch.argsort(torch.argsort(x[:, 0])), torch.argsort(torch.argsort(y[:, 0]))
     assert torch.equal(rank_y[perm], rank_x)
+
+
+UNIT_ROUNDOFF = {"fp32": 2.0**-24, "tf32": 2.0**-11, "bf16": 2.0**-8, "bf16x3": 2.0**-15}
+"""Relative rounding of one operand of the score products in each precision (bf16x3: hi + lo)."""
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "bf16x3"])
+@pytest.mark.parametrize(("d", "epsilon"), [(2, 0.05), (16, 0.02)])
+def test_low_precision_products_stay_within_their_stated_error(precision, d, epsilon):
+    """The potentials of each product precision deviate from the float64 loop by at most
+    2 u max_ij |x~_i||y~_j| (in units of eps: u the operands' relative rounding, x~, y~ the points in
+    units of sqrt(eps)) beyond what fp32 itself deviates; potentials and marginals stay fp32."""
+    from sdfm.ot.sinkhorn import scaled
+
+    x, y = points(300, 260, d, seed=d)
+    options = dict(epsilon=epsilon, tol=0.0, max_iter=40)
+    ref = sinkhorn(x, y, SinkhornOptions(**options, precision="fp64"))
+
+    def deviation(result) -> float:
+        shift = (result.f.double() - ref.f).mean()
+        worst = max((result.f.double() - ref.f - shift).abs().max(), (result.g.double() - ref.g + shift).abs().max())
+        return float(worst) / ref.eps
+
+    xs, ys, _, _ = scaled(x, y, ref.eps, "sqeuclidean")
+    spread = float(xs.norm(dim=1).max() * ys.norm(dim=1).max())
+    fp32 = deviation(sinkhorn(x, y, SinkhornOptions(**options)))
+    result = sinkhorn(x, y, SinkhornOptions(**options, precision=precision))
+    assert result.f.dtype == result.g.dtype == torch.float32
+    assert deviation(result) <= 2 * UNIT_ROUNDOFF[precision] * spread + 2 * fp32
+    if precision == "bf16x3":  # three bf16 products: far closer than one
+        bf16 = deviation(sinkhorn(x, y, SinkhornOptions(**options, precision="bf16")))
+        assert deviation(result) < bf16 / 20
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "bf16x3"])
+def test_low_precision_dense_blocked_and_sampling_agree(monkeypatch, precision):
+    """In-memory and blocked scores are the same products; the coupling samples with them."""
+    import importlib
+
+    sk = importlib.import_module("sdfm.ot.sinkhorn")
+    x, y = points(200, 180, 5, seed=3)
+    options = SinkhornOptions(epsilon=0.1, tol=0.0, max_iter=30, precision=precision, block_size=64)
+    dense = sk.sinkhorn(x, y, options)
+    monkeypatch.setattr(sk, "DENSE_SCORES", 0)
+    blocked = sk.sinkhorn(x, y, options)
+    torch.testing.assert_close(dense.g, blocked.g, atol=1e-4 * dense.eps, rtol=0)
+    index = SinkhornCoupling(options).match(x, y, torch.Generator().manual_seed(0))
+    assert index.shape == (200,) and bool((index >= 0).all() and (index < 180).all())

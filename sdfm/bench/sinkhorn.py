@@ -4,10 +4,13 @@ flash-sinkhorn.
 For each (n, d), the same data (x ~ N(0, I), y ~ N(1, I/4), n = m) and the same absolute
 eps = epsilon * std(C) with C = 0.5 |x - y|^2:
 
-- sdfm torch / keops / triton: ``sinkhorn`` with a fixed iteration count (tol = 0 never stops early).
-  The timed call includes computing std(C) and the final marginal check (half an iteration). The
-  triton backend runs on CUDA; elsewhere its row is skipped with the reason (Triton's CPU interpreter
-  is far too slow to time).
+- sdfm torch / keops / triton: ``sinkhorn`` with a fixed iteration count (tol = 0 never stops early),
+  once per product precision of ``--precisions`` that the backend can honour (fp32, tf32, bf16,
+  bf16x3: ``sdfm.ot.reductions``; rows named "sdfm torch bf16"). The timed call includes computing
+  std(C) and the final marginal check (half an iteration). The triton backend runs on CUDA;
+  elsewhere its row is skipped with the reason (Triton's CPU interpreter is far too slow to time).
+  On a CPU the low precisions are emulated (rounded operands multiplied in fp32): their f64 dev is
+  the real one, their time is not a tensor core's.
 - POT: ``ot.bregman.sinkhorn_log`` on torch tensors (fp32), dense cost built inside the timed
   region, the same iteration count (stopThr = 0). It stores the n x m cost once and does not
   recompute it per iteration, so per iteration it does only the two logsumexps.
@@ -63,6 +66,7 @@ from torch import Tensor
 from sdfm.bench.common import default_device, machine_info, set_threads, timed, triton_skip, write_json
 from sdfm.bench.peers import Method, Solve, flash_sinkhorn, geomloss_sinkhorn, pot_sinkhorn
 from sdfm.errors import UserError
+from sdfm.ot.reductions import SUPPORTED
 from sdfm.ot.sinkhorn import SinkhornOptions, cost_std, marginal_errors, sinkhorn
 
 BACKENDS = ("torch", "keops", "triton")
@@ -84,6 +88,8 @@ class SinkhornBench:
     """Epsilon relative to std(C)."""
     backends: list[Literal["torch", "keops", "triton"]] = field(default_factory=lambda: list(BACKENDS))
     """sdfm backends to time."""
+    precisions: list[Literal["fp32", "tf32", "bf16", "bf16x3"]] = field(default_factory=lambda: ["fp32"])
+    """Product precisions of the sdfm rows (each backend runs the ones it can honour)."""
     peers: list[Literal["pot", "geomloss", "flash", "none"]] = field(default_factory=lambda: list(PEERS))
     """Peers to time beside them ('none': no peer)."""
     scaling: float = 0.7
@@ -132,11 +138,16 @@ class SinkhornBench:
         return 0
 
 
-def _sdfm(epsilon: float, backend: str, block_size: int, device: torch.device) -> Method:
+def _sdfm(epsilon: float, backend: str, block_size: int, device: torch.device, precision: str) -> Method:
     def make(x: Tensor, y: Tensor) -> Solve:
         def solve(iters: int) -> tuple[Tensor, Tensor, int]:
             options = SinkhornOptions(
-                epsilon=epsilon, backend=backend, max_iter=iters, tol=0.0, block_size=block_size
+                epsilon=epsilon,
+                backend=backend,
+                max_iter=iters,
+                tol=0.0,
+                block_size=block_size,
+                precision=precision,
             )
             r = sinkhorn(x, y, options)
             return r.f, r.g, r.iters
@@ -144,7 +155,8 @@ def _sdfm(epsilon: float, backend: str, block_size: int, device: torch.device) -
         return solve
 
     reason = triton_skip(device) if backend == "triton" else None
-    return Method(f"sdfm {backend}", make, fixed_iters=True, f64="sdfm", unavailable=reason)
+    name = f"sdfm {backend}" if precision == "fp32" else f"sdfm {backend} {precision}"
+    return Method(name, make, fixed_iters=True, f64="sdfm", unavailable=reason)
 
 
 def points(n: int, d: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -169,7 +181,12 @@ def reference_sinkhorn(x: Tensor, y: Tensor, epsilon: float, iters: int, block: 
 def methods(args: SinkhornBench, x: Tensor, y: Tensor, eps: float) -> list[Method]:
     """The sdfm backends and peers that ``args`` asks for, bound to eps (absolute) on (x, y)."""
     device = torch.device(args.device)
-    out = [_sdfm(args.epsilon, backend, args.block_size, device) for backend in args.backends]
+    out = [
+        _sdfm(args.epsilon, backend, args.block_size, device, precision)
+        for backend in args.backends
+        for precision in args.precisions
+        if precision in SUPPORTED[backend]
+    ]
     if "pot" in args.peers:
         out.append(pot_sinkhorn(eps))
     if "geomloss" in args.peers:

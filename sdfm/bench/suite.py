@@ -87,6 +87,7 @@ class Workload:
     """The sizes and methods of one named workload."""
 
     sinkhorn: tuple[tuple[int, int], ...]
+    precisions: tuple[str, ...]
     iters: int
     backends: tuple[str, ...]
     peers: tuple[str, ...]
@@ -107,6 +108,7 @@ _ALL_SINKHORN = (("torch", "keops", "triton"), ("pot", "geomloss", "flash"))
 WORKLOADS = {
     "gpu": Workload(
         sinkhorn=((8192, 3072), (65536, 3072)),
+        precisions=("fp32", "tf32", "bf16", "bf16x3"),
         iters=10,
         backends=_ALL_SINKHORN[0],
         peers=_ALL_SINKHORN[1],
@@ -120,6 +122,7 @@ WORKLOADS = {
     ),
     "cpu": Workload(
         sinkhorn=((1024, 256), (4096, 256)),
+        precisions=("fp32",),  # a CPU has no tensor cores: low precisions would only be emulated
         iters=20,
         backends=_ALL_SINKHORN[0],
         peers=_ALL_SINKHORN[1],
@@ -133,6 +136,7 @@ WORKLOADS = {
     ),
     "toy": Workload(  # no KeOps: its first compile alone takes longer than the whole toy run
         sinkhorn=((256, 8),),
+        precisions=("fp32", "bf16"),
         iters=5,
         backends=("torch", "triton"),
         peers=("pot", "flash"),
@@ -202,6 +206,7 @@ def _sinkhorn_rows(w: Workload, args: SuiteBench, peak: float) -> list[dict]:
             dims=[d],
             iters=w.iters,
             backends=list(w.backends),
+            precisions=list(w.precisions),
             peers=list(w.peers),
             budget=args.budget,
             repeats=args.repeats,

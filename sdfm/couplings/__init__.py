@@ -17,6 +17,7 @@ from sdfm.couplings.independent import IndependentCoupling
 from sdfm.couplings.semidiscrete import SemidiscreteCoupling
 from sdfm.couplings.sinkhorn import SinkhornCoupling
 from sdfm.errors import UserError
+from sdfm.ot.reductions import SUPPORTED
 from sdfm.ot.sinkhorn import SinkhornOptions
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ __all__ = [
     "SemidiscreteCoupling",
     "SinkhornCoupling",
     "build_coupling",
+    "check_coupling_config",
     "class_blocks",
     "sinkhorn_options",
 ]
@@ -44,6 +46,26 @@ def sinkhorn_options(cfg: CouplingConfig) -> SinkhornOptions:
     name (so a new solver setting is one field here and one documented key in the config)."""
     names = [f.name for f in dataclasses.fields(SinkhornOptions) if hasattr(cfg, f.name)]
     return SinkhornOptions(**{name: getattr(cfg, name) for name in names})
+
+
+def check_coupling_config(cfg: CouplingConfig) -> None:
+    """Raise UserError (one line naming the keys and the fix) for [coupling] settings that no batch
+    can run with, before anything is built or written."""
+    if cfg.kind != "sinkhorn":
+        return
+    problem = sinkhorn_options(cfg).problem()
+    if problem is None:
+        return
+    if cfg.precision not in SUPPORTED[cfg.backend]:
+        able = " or ".join(repr(b) for b, p in SUPPORTED.items() if cfg.precision in p)
+        raise UserError(
+            f"coupling.precision = {cfg.precision!r} cannot be computed by coupling.backend = {cfg.backend!r} "
+            f"(it computes in {', '.join(SUPPORTED[cfg.backend])}); use coupling.backend = {able}, "
+            "or coupling.precision = 'fp32'"
+        )
+    raise UserError(
+        f"[coupling] settings are invalid: {problem}; fix them in the config or with --coupling.*"
+    )
 
 
 def build_coupling(

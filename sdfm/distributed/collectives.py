@@ -6,8 +6,8 @@ serves a single process) for the ranks of a group, timing every collective:
 - ``sum``: an all-gather of the per-rank tensors summed in rank order, so every rank holds the same
   bits whatever the backend's all-reduce algorithm, and no rank can decide to stop while another
   goes on (used for means and errors: a few numbers);
-- ``lse``: two all-reduces over m floats, MAX then SUM of the rescaled partials, the exact global
-  logsumexp of per-rank partial logsumexps;
+- ``lse``: the exact global logsumexp of per-rank partial logsumexps, in one all-gather of the
+  partials combined in rank order (max, then the sum of the rescaled exponentials);
 - ``counts``, ``broadcast``, ``gather_rows`` (rows whose count differs between ranks).
 
 ``exchange`` and ``agree`` validate inputs jointly: a rank whose input is bad, or ranks that disagree
@@ -95,13 +95,20 @@ class GroupCollectives:
         return out.view(-1, *t.shape).sum(0)
 
     def lse(self, part: Tensor) -> Tensor:
-        top = part.clone()
+        """Global logsumexp of per-rank partials in one collective: an all-gather of the W partials,
+        then M = max_r part_r and M + log sum_r exp(part_r - M), summed in rank order (the same bits
+        on every rank). One collective instead of an all-reduce MAX and an all-reduce SUM: the
+        g-update is latency-bound for small batches, and W m floats are little next to the scores."""
+        parts = part.new_empty(self.world * part.shape[0])
         with self.timed(part.device):
-            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
-        scaled = (part - top).exp_()  # a rank without rows has part = -inf and contributes 0
-        with self.timed(part.device):
-            dist.all_reduce(scaled, op=dist.ReduceOp.SUM, group=self.group)
-        return scaled.log_().add_(top)
+            dist.all_gather_single(parts, part.contiguous(), group=self.group)
+        parts = parts.view(self.world, -1)
+        top = parts.amax(0)
+        safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # -inf: no rank has rows
+        total = (parts[0] - safe).exp_()
+        for r in range(1, self.world):
+            total += (parts[r] - safe).exp_()
+        return total.log_().add_(safe)
 
     def counts(self, n: int) -> list[int]:
         mine = torch.tensor([n], dtype=torch.int64, device=self.device)

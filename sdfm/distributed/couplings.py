@@ -7,7 +7,9 @@ Each rank holds its rows of the global batch (rank r: rows [r b, (r + 1) b), b =
   so the pairs are exactly those of a single process. Each rank repeats the same small solve
   (exact OT is for n up to a few thousand).
 - ``ShardedSinkhornCoupling`` (Sinkhorn, ``sdfm.distributed.sinkhorn``): the ranks solve the global
-  problem jointly, each for its own rows.
+  problem jointly, each for its own rows, when the global batch has more than
+  ``coupling.shard_above`` rows; smaller Sinkhorn solves are replicated like exact OT (they are bound
+  by the collectives' latency, not by compute).
 - ``SharedPotentialCoupling`` (semidiscrete): rows are matched locally against the whole dataset (or
   a sharded index, ``potential.shard_index``); only rank 0 watches for potentials published by the
   worker, and a new one is broadcast to all ranks at a step boundary, so the worker needs no shared
@@ -63,7 +65,7 @@ def rank_coupling(
         return coupling
     if isinstance(coupling, SemidiscreteCoupling):
         return SharedPotentialCoupling(coupling, pg)
-    if isinstance(coupling, SinkhornCoupling):
+    if isinstance(coupling, SinkhornCoupling) and cfg.train.batch_size > cfg.coupling.shard_above:
         return ShardedSinkhornCoupling(coupling, GroupCollectives(None, pg.flag_device))
     if isinstance(coupling, MinibatchCoupling):
         return ReplicatedCoupling(coupling, pg.env.rank, device)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from sdfm import kernels
+from sdfm.ot.reductions import Precision, lower, scores_plus
 from sdfm.ot.sinkhorn import SinkhornOptions, SinkhornResult, check_problem, scaled
 
 _MASK32 = 0xFFFFFFFF
@@ -78,7 +79,8 @@ def sample_rows(
         x: (n, d) rows (global ids row_offset .. row_offset + n - 1).
         y: (m, d) all columns.
         result: potentials from the Sinkhorn solve on these columns (only g and eps are used).
-        options: the solve's settings: ``cost`` and ``block_size``, and ``backend``: 'triton' draws with
+        options: the solve's settings: ``cost``, ``block_size``, ``precision`` (of the score products,
+            as in the solve; 'fp64' samples with fp32 products), and ``backend``: 'triton' draws with
             the fused kernel (``sdfm.kernels.gumbel_argmax``: the same noise, hence the same partners
             up to the rounding of the scores), 'auto' with the faster of it and torch; 'torch' and
             'keops' use the blocked torch path.
@@ -99,38 +101,53 @@ def sample_rows(
     seed_key = hash32(torch.tensor(seed & _MASK32, dtype=torch.long, device=xs.device))
     rows = torch.arange(row_offset, row_offset + x.shape[0], device=xs.device)
     row_keys = hash32((seed_key ^ rows) & _MASK32)
+    precision: Precision = "fp32" if options.precision == "fp64" else options.precision
     if options.backend == "triton":
-        return kernels.gumbel_argmax(xs, ys, h, row_keys).index
+        return _gumbel_argmax_triton(xs, ys, h, row_keys, precision)
     if options.backend == "auto":
         return kernels.auto(
             "gumbel_argmax",
             xs,
             (xs.shape[0], *ys.shape),
-            lambda: kernels.gumbel_argmax(xs, ys, h, row_keys).index,
-            lambda: _gumbel_argmax_torch(xs, ys, h, row_keys, options.block_size),
+            lambda: _gumbel_argmax_triton(xs, ys, h, row_keys, precision),
+            lambda: _gumbel_argmax_torch(xs, ys, h, row_keys, options.block_size, precision),
         )
-    return _gumbel_argmax_torch(xs, ys, h, row_keys, options.block_size)
+    return _gumbel_argmax_torch(xs, ys, h, row_keys, options.block_size, precision)
 
 
-def _gumbel_argmax_torch(xs: Tensor, ys: Tensor, h: Tensor, row_keys: Tensor, block_size: int) -> Tensor:
+def _gumbel_argmax_triton(
+    xs: Tensor, ys: Tensor, h: Tensor, row_keys: Tensor, precision: Precision
+) -> Tensor:
+    if precision == "bf16":
+        return kernels.gumbel_argmax(xs.to(torch.bfloat16), ys.to(torch.bfloat16), h, row_keys).index
+    return kernels.gumbel_argmax(xs, ys, h, row_keys, tf32=precision == "tf32").index
+
+
+def _gumbel_argmax_torch(
+    xs: Tensor, ys: Tensor, h: Tensor, row_keys: Tensor, block_size: int, precision: Precision = "fp32"
+) -> Tensor:
     """argmax_j (h_j + <xs_i, ys_j> + G_ij) in blocks (the noise of ``gumbel``), O(block_size^2) memory.
 
     Args:
         xs: (n, d), ys: (m, d), h: (m,) float32; row_keys: (n,) int64 hashed global row ids.
+        precision: of the score products (``sdfm.ot.reductions``).
 
     Returns:
         (n,) int64 column indices.
     """
     cols_all = torch.arange(ys.shape[0], device=xs.device)
     out = torch.empty(xs.shape[0], dtype=torch.long, device=xs.device)
+    xl, yl = lower(xs, precision), lower(ys, precision)
+    rows = 1 if precision == "bf16x3" else 0  # the row dimension of a stacked (hi, lo) operand
     for i0 in range(0, xs.shape[0], block_size):
-        xi = xs[i0 : i0 + block_size]
+        xi = xl.narrow(rows, i0, min(block_size, xs.shape[0] - i0))
         keys = row_keys[i0 : i0 + block_size]
-        best = xs.new_full((xi.shape[0],), -math.inf)
-        arg = torch.zeros(xi.shape[0], dtype=torch.long, device=xs.device)
+        best = xs.new_full((keys.shape[0],), -math.inf)
+        arg = torch.zeros(keys.shape[0], dtype=torch.long, device=xs.device)
         for j0 in range(0, ys.shape[0], block_size):
             cols = cols_all[j0 : j0 + block_size]
-            scores = torch.addmm(h[j0 : j0 + block_size], xi, ys[j0 : j0 + block_size].T)
+            yj = yl.narrow(rows, j0, min(block_size, ys.shape[0] - j0))
+            scores = scores_plus(h[j0 : j0 + block_size], xi, yj, precision)
             value, index = (scores + gumbel(keys, cols)).max(dim=1)
             better = value > best  # strict: on a tie the earlier column wins, as in one big argmax
             best = torch.where(better, value, best)

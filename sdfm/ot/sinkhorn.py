@@ -24,7 +24,8 @@ Rows split over ranks. ``sinkhorn_loop`` runs on this rank's rows X_r (all rows 
 against all columns Y, and asks its ``Collectives`` for the only two things that need other ranks:
 
 - the g-update's logsumexp over all rows: each rank reduces over its own rows to L_r,j, then
-  ``comm.lse`` combines them exactly (max over ranks, then the sum of the rescaled partials);
+  ``comm.lse`` combines them exactly (max over ranks, then the sum of the rescaled partials; one
+  collective);
 - global means: std(C) from moments summed over ranks, and the row-marginal error, so every rank
   stops at the same iteration.
 
@@ -46,12 +47,19 @@ import torch
 from torch import Tensor
 
 from sdfm.ot.collectives import LOCAL, Collectives
-from sdfm.ot.reductions import BACKENDS, DENSE_SCORES, Backend, lse_blocked, reducer
+from sdfm.ot.reductions import (
+    BACKENDS,
+    DENSE_SCORES,
+    PRECISIONS,
+    SUPPORTED,
+    Backend,
+    Precision,
+    lse_blocked,
+    reducer,
+)
 
 Cost = Literal["sqeuclidean", "dot"]
 COSTS = ("sqeuclidean", "dot")
-Precision = Literal["fp32", "fp64"]
-PRECISIONS = ("fp32", "fp64")
 
 ANNEAL_FACTOR = 0.5
 """With annealing, the relative epsilon is multiplied by this every ``check_every`` iterations."""
@@ -93,7 +101,9 @@ class SinkhornOptions:
         check_every: iterations between marginal checks (and annealing steps).
         anneal_from: starting relative epsilon for annealing (no annealing when <= epsilon).
         block_size: rows/columns per block of the torch backend (memory O(block_size^2)).
-        precision: 'fp32', or 'fp64' for float64 references (torch backend only).
+        precision: of the score products, 'fp32', 'tf32', 'bf16' or 'bf16x3' (``sdfm.ot.reductions``;
+            the potentials, logsumexps and the marginal error stay fp32), or 'fp64' for float64
+            references (torch backend only).
     """
 
     epsilon: float = 0.05
@@ -114,8 +124,9 @@ class SinkhornOptions:
             return f"backend must be one of {BACKENDS}, got {self.backend!r}"
         if self.precision not in PRECISIONS:
             return f"precision must be one of {PRECISIONS}, got {self.precision!r}"
-        if self.precision == "fp64" and self.backend != "torch":
-            return f"precision 'fp64' needs backend 'torch', got {self.backend!r}"
+        if self.precision not in SUPPORTED[self.backend]:
+            able = ", ".join(b for b, p in SUPPORTED.items() if self.precision in p)
+            return f"precision {self.precision!r} needs backend {able}; backend {self.backend!r} computes in {', '.join(SUPPORTED[self.backend])}"
         if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
             return f"epsilon must be > 0, got {self.epsilon}"
         if self.max_iter < 1 or self.check_every < 1 or self.block_size < 1:
@@ -318,7 +329,8 @@ def sinkhorn_loop(
     n, m, n_r = sum(counts), y.shape[0], x.shape[0]
     if n == 0:
         raise ValueError("no rank has any rows: the batch is empty")
-    reduce = reducer(o.backend, o.block_size, dense=o.backend == "torch" and n_r * m <= DENSE_SCORES)
+    dense = o.backend == "torch" and n_r * m <= DENSE_SCORES
+    reduce = reducer(o.backend, o.block_size, dense=dense, precision=o.precision)
 
     def lse(a: Tensor, b: Tensor, h: Tensor) -> Tensor:
         if b.shape[0] == 0:  # no rows on this rank: an empty sum
