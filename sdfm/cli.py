@@ -80,6 +80,7 @@ class FitPotentialCommand:
 
     def run(self) -> None:
         from sdfm.data import load_dataset
+        from sdfm.distributed.env import DistEnv, potential_device
         from sdfm.monitor import info
         from sdfm.semidiscrete import fit_and_save
 
@@ -92,7 +93,8 @@ class FitPotentialCommand:
             f"fitting the potential of {data.name}: N={len(data)}, d={data.x[0].numel()}, eps={p.epsilon}, {p.method}"
         )
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        res = fit_and_save(cfg, data, self.out, log=info)
+        device = potential_device(DistEnv(), cfg)
+        res = fit_and_save(cfg, data, self.out, device=device, log=info)
         info(
             f"saved {self.out}: {res.steps} steps, {res.seconds:.1f} s, chi2 {res.chi2:.4g} "
             f"({'converged' if res.converged else 'budget reached'})"
@@ -111,7 +113,7 @@ class WorkerCommand:
     """Stop after this many SGD steps in this process (0: run until SIGTERM/SIGINT)."""
 
     def run(self) -> None:
-        from sdfm.semidiscrete.worker import run_worker
+        from sdfm.worker import run_worker
 
         run_worker(self.run_dir, config_path=self.config, max_steps=self.max_steps)
 

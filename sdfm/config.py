@@ -145,6 +145,15 @@ class PotentialConfig:
     """Matching index backend: brute-force torch (chunked matmul + bias + argmax), FAISS flat IP, the
     fused Triton kernel (CUDA), or auto (on CUDA the faster of triton and torch, measured once per
     shape; else torch)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Precision of the matching products: fp32, or bf16 / fp16 whose top candidates are rescored in
+    float64 and certified exact (torch index; faiss on a GPU). 'auto': bf16 for the torch index on
+    CUDA, fp32 otherwise."""
+    candidates: int = 16
+    """Candidates per query that a 16-bit matching search rescores (more: fewer exact re-searches)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the potential is fitted and matched: the fit before training, the worker and the
+    trainer's matching index. 'auto': the trainer's device (the worker: CUDA when present)."""
     topk: int = 64
     """Candidates for softmax sampling when epsilon > 0."""
     publish_every: int = 50
@@ -282,6 +291,7 @@ def validate(cfg: Config) -> Config:
     need(p.max_seconds >= 0, "potential.max_seconds", p.max_seconds, ">= 0")
     need(p.pca_dim >= 0, "potential.pca_dim", p.pca_dim, ">= 0")
     need(p.topk >= 1, "potential.topk", p.topk, ">= 1")
+    need(p.candidates >= 1, "potential.candidates", p.candidates, ">= 1")
     need(p.publish_every >= 1, "potential.publish_every", p.publish_every, ">= 1")
     need(p.worker_threads >= 0, "potential.worker_threads", p.worker_threads, ">= 0")
     if p.shard_index and (p.epsilon > 0 or p.pca_dim > 0):

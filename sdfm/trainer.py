@@ -32,7 +32,7 @@ from sdfm.couplings import check_coupling_config
 from sdfm.data import Dataset, DataStream, load_dataset
 from sdfm.data.noise import draw_rows, step_generator
 from sdfm.distributed.couplings import rank_coupling
-from sdfm.distributed.env import DistEnv, ProcessGroup, detect, device_for
+from sdfm.distributed.env import DistEnv, ProcessGroup, detect, device_for, potential_device
 from sdfm.errors import AgreedError, UserError
 from sdfm.models import EMA, build_model
 from sdfm.monitor import Monitor, info, set_main_process
@@ -242,7 +242,7 @@ class Trainer:
         if self.cfg.coupling.kind != "semidiscrete":
             return
         from sdfm.semidiscrete import fit_and_save, load_potential
-        from sdfm.semidiscrete.worker import WorkerProcess, wait_for_version
+        from sdfm.worker import WorkerProcess, wait_for_version
 
         p, coupling = self.cfg.potential, self.coupling
         error = None  # a bad potential file on rank 0 must end every rank, not leave them waiting
@@ -260,7 +260,11 @@ class Trainer:
                     f"potential: fitting g over N={len(self.data)} points to chi2 <= {p.target_chi2} ({p.method})"
                 )
                 res = fit_and_save(
-                    self.cfg, self.data, potential_dir(self.run_dir) / "fitted.safetensors", log=info
+                    self.cfg,
+                    self.data,
+                    potential_dir(self.run_dir) / "fitted.safetensors",
+                    device=potential_device(self.pg.env, self.cfg),
+                    log=info,
                 )
                 coupling.set_potential(res.g, 1, res.chi2)
                 info(f"potential: {res.steps} steps in {res.seconds:.1f} s, chi2 {res.chi2:.4g}")

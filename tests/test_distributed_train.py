@@ -130,6 +130,10 @@ def test_sharded_matching_index_matches_single_process(tmp_path, conditional):
     extra = ["--potential.shard_index", "True"]
     if conditional:
         extra += ["--data.name", "digits", "--data.conditional", "True", "--data.num_eval", "300"]
+        # An MLP, not the U-Net: the U-Net's zero-initialized block outputs leave some parameters with
+        # near-zero gradients whose rounding (DDP sums them in another order) Adam scales up to full
+        # steps, so its weights are not comparable at this tolerance; the matching is what is tested.
+        extra += ["--model.kind", "mlp"]
     ref = single_process(tmp_path / "one", "semidiscrete", 20, extra)
     proc = run(
         torchrun(3, tmp_path / "ddp", "--coupling.kind", "semidiscrete", "--train.steps", "20", *extra)

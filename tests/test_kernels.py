@@ -141,7 +141,7 @@ def test_match_index_triton_equals_reference_and_updates_in_place(labeled):
     y, x = torch.randn(260, 17, generator=gen).to(DEVICE), torch.randn(100, 17, generator=gen).to(DEVICE)
     labels = torch.randint(0, 3, (260,), generator=gen) if labeled else None
     qlabels = torch.randint(0, 3, (100,), generator=gen) if labeled else None
-    index = MatchIndex(y, backend="triton", labels=labels, compute_dtype=torch.float32)
+    index = MatchIndex(y, backend="triton", labels=labels, precision="fp32")
     block = index._blocks[0]
     bias_ptr, keys_ptr = block.bias.data_ptr(), block.keys.data_ptr()
     for scale in (0.0, 2.0, 5.0):
@@ -159,7 +159,7 @@ def test_match_index_triton_with_pca():
     gen = torch.Generator().manual_seed(9)
     y, x = torch.randn(200, 40, generator=gen).to(DEVICE), torch.randn(60, 40, generator=gen).to(DEVICE)
     g = torch.randn(200, generator=gen).to(DEVICE)
-    kw = dict(pca_dim=17, compute_dtype=torch.float32)
+    kw = dict(pca_dim=17, precision="fp32")
     ref, out = MatchIndex(y, **kw), MatchIndex(y, backend="triton", **kw)
     ref.set_potential(g)
     out.set_potential(g)

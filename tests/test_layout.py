@@ -20,7 +20,7 @@ LAYERS = [
     ("sdfm.ot",),
     ("sdfm.couplings", "sdfm.semidiscrete"),
     ("sdfm.distributed",),
-    ("sdfm.trainer", "sdfm.evaluate"),
+    ("sdfm.trainer", "sdfm.worker", "sdfm.evaluate"),
     ("sdfm.bench", "sdfm.cli", "sdfm.train", "sdfm.__main__"),
 ]
 """From the bottom up; a module may import its own layer or lower ones (longest prefix decides)."""

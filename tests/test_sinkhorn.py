@@ -238,7 +238,9 @@ def test_low_precision_products_stay_within_their_stated_error(precision, d, eps
 
     def deviation(result) -> float:
         shift = (result.f.double() - ref.f).mean()
-        worst = max((result.f.double() - ref.f - shift).abs().max(), (result.g.double() - ref.g + shift).abs().max())
+        worst = max(
+            (result.f.double() - ref.f - shift).abs().max(), (result.g.double() - ref.g + shift).abs().max()
+        )
         return float(worst) / ref.eps
 
     xs, ys, _, _ = scaled(x, y, ref.eps, "sqeuclidean")

@@ -77,17 +77,22 @@ class SemidiscreteCoupling(Coupling):
         device: torch.device | None = None,
         index=None,
     ):
-        self.y, self.cfg, self.fingerprint, self.per_class, self.warn = y, cfg, fingerprint, per_class, warn
-        self.labels = labels
+        # The data lives where the index does: the matched points are gathered there, with no host
+        # round trip per step, and an fp32 index's keys share this tensor's storage.
+        self.y = y.to(device) if device is not None and index is None else y
+        self.cfg, self.fingerprint, self.per_class, self.warn = cfg, fingerprint, per_class, warn
+        self.labels = None if labels is None else labels.to(self.y.device)
         self.index = (
             index
             if index is not None
             else MatchIndex(
-                y.flatten(1),
+                self.y.flatten(1),
                 backend=cfg.index,
-                labels=labels if per_class else None,
+                labels=self.labels if per_class else None,
                 pca_dim=cfg.pca_dim,
                 device=device,
+                precision=None if cfg.precision == "auto" else cfg.precision,
+                candidates=cfg.candidates,
             )
         )
         self.g = torch.zeros(len(y))

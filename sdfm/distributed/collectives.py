@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from sdfm.ot.collectives import LOCAL, Collectives, GatheredRows, LocalCollectives
+from sdfm.ot.collectives import LOCAL, Collectives, GatheredRows, LocalCollectives, share
 
 __all__ = [
     "LOCAL",
@@ -37,6 +37,7 @@ __all__ = [
     "LocalCollectives",
     "agree",
     "all_gather_rows",
+    "share",
 ]
 
 _MAX_DIMS = 6
@@ -109,6 +110,12 @@ class GroupCollectives:
         for r in range(1, self.world):
             total += (parts[r] - safe).exp_()
         return total.log_().add_(safe)
+
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        out = t.clone()
+        with self.timed(t.device):
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
+        return out
 
     def counts(self, n: int) -> list[int]:
         mine = torch.tensor([n], dtype=torch.int64, device=self.device)

@@ -30,12 +30,12 @@ from sdfm.couplings import Coupling, MinibatchCoupling, Pairs, SinkhornCoupling,
 from sdfm.couplings.base import CouplingWrapper
 from sdfm.couplings.semidiscrete import SemidiscreteCoupling
 from sdfm.data import Dataset
-from sdfm.distributed.collectives import GroupCollectives
-from sdfm.distributed.env import ProcessGroup
+from sdfm.distributed.collectives import GroupCollectives, share
+from sdfm.distributed.env import ProcessGroup, potential_device
 from sdfm.distributed.matching import ShardedMatchIndex
 from sdfm.distributed.sinkhorn import ShardedSinkhornCoupling
 
-__all__ = ["ReplicatedCoupling", "SharedPotentialCoupling", "rank_coupling", "shard_rows"]
+__all__ = ["ReplicatedCoupling", "SharedPotentialCoupling", "rank_coupling"]
 
 
 def rank_coupling(
@@ -45,11 +45,18 @@ def rank_coupling(
     one process, else its data-parallel form (see the module docstring). The trainer's one call."""
     kind, conditional = cfg.coupling.kind, cfg.data.conditional
     index = None
+    index_device = potential_device(pg.env, cfg) if kind == "semidiscrete" else device
     if kind == "semidiscrete" and cfg.potential.shard_index and pg.env.distributed:
-        rows = shard_rows(len(data), pg.env.rank, pg.env.world_size)
+        rows = share(len(data), pg.env.rank, pg.env.world_size)
         labels = data.labels[rows] if conditional else None
+        p = cfg.potential
         sharded = ShardedMatchIndex(
-            data.x[rows].flatten(1), labels=labels, backend=cfg.potential.index, device=device
+            data.x[rows].flatten(1),
+            labels=labels,
+            backend=p.index,
+            device=index_device,
+            precision=None if p.precision == "auto" else p.precision,
+            candidates=p.candidates,
         )
         index = ShardedIndexView(sharded)
     coupling = build_coupling(
@@ -58,7 +65,7 @@ def rank_coupling(
         dataset=data,
         potential=cfg.potential,
         warn=warn,
-        device=device,
+        device=index_device,
         index=index,
     )
     if not pg.env.distributed:
@@ -77,13 +84,6 @@ def gather_rows(x: Tensor) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
-
-
-def shard_rows(n: int, rank: int, world: int) -> slice:
-    """Rank ``rank``'s contiguous share of n rows (the first n % world ranks get one more)."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (rank < extra))
 
 
 class ShardedIndexView:

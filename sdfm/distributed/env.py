@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -84,17 +86,43 @@ def detect() -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local)
 
 
-def device_for(env: DistEnv, name: str) -> torch.device:
-    """The device of this rank for ``train.device`` = name ('auto', 'cpu', 'cuda')."""
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent exits (prctl PR_SET_PDEATHSIG).
+
+    A torchrun rank is a child of torchrun's agent, and once the agent is gone (killed, or its node
+    preempted) the ranks cannot rendezvous or restart: without this they would go on running, and
+    publishing, as orphans. Returns False where the call does not exist (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, int(sig), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG = 1
+        return False
+    if os.getppid() != parent:  # the parent died before the request: act on it now
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def device_for(env: DistEnv, name: str, key: str = "train.device") -> torch.device:
+    """The device of this rank for the setting ``key`` = name ('auto', 'cpu', 'cuda')."""
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise UserError("train.device='cuda' but CUDA is not available; use train.device='cpu' or 'auto'")
+        raise UserError(f"{key} = 'cuda' but CUDA is not available; use {key} = 'cpu' or 'auto'")
     if env.local_rank >= torch.cuda.device_count():
         raise UserError(
             f"LOCAL_RANK={env.local_rank} but this node has {torch.cuda.device_count()} GPUs; lower --nproc_per_node"
         )
     return torch.device("cuda", env.local_rank)
+
+
+def potential_device(env: DistEnv, cfg) -> torch.device:
+    """This rank's device for the semidiscrete potential: potential.device, or the trainer's ('auto')."""
+    if cfg.potential.device == "auto":
+        return device_for(env, cfg.train.device)
+    return device_for(env, cfg.potential.device, "potential.device")
 
 
 class ProcessGroup:
@@ -117,6 +145,7 @@ class ProcessGroup:
         self._waits = 0
         if not env.distributed:
             return
+        die_with_parent()  # a rank of a dead torchrun agent is an orphan: end with it
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl" and device.type != "cuda":

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from sdfm.distributed.collectives import GroupCollectives, agree
 from sdfm.errors import UserError
-from sdfm.semidiscrete.index import Backend, MatchIndex
+from sdfm.semidiscrete.index import Backend, MatchIndex, Precision
 
 __all__ = ["ShardedMatch", "ShardedMatchIndex"]
 
@@ -61,7 +61,7 @@ class ShardedMatchIndex:
         group: the process group (default: the default group).
         labels: (N_r,) int64 classes of this shard's points for per-class matching (a query then
             searches only its class); given on every rank or on none.
-        backend, device, chunk_size, compute_dtype: as in ``MatchIndex``, for the shard's index.
+        backend, device, chunk_size, precision, candidates: as in ``MatchIndex``, for the shard's index.
 
     Attributes:
         n: global number of points N.
@@ -80,7 +80,8 @@ class ShardedMatchIndex:
         backend: Backend = "torch",
         device: torch.device | str | None = None,
         chunk_size: int = 8192,
-        compute_dtype: torch.dtype | None = None,
+        precision: Precision | None = None,
+        candidates: int = 16,
     ):
         self.group = group
         self.device = torch.device(device) if device is not None else y_shard.device
@@ -118,7 +119,8 @@ class ShardedMatchIndex:
                 labels=labels,
                 device=self.device,
                 chunk_size=chunk_size,
-                compute_dtype=compute_dtype,
+                precision=precision,
+                candidates=candidates,
             )
         self._classes = torch.tensor(
             self.index.classes if self.index and self.labeled else [], dtype=torch.long

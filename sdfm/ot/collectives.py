@@ -18,7 +18,7 @@ from typing import Protocol
 
 from torch import Tensor
 
-__all__ = ["LOCAL", "Collectives", "GatheredRows", "LocalCollectives"]
+__all__ = ["LOCAL", "Collectives", "GatheredRows", "LocalCollectives", "share"]
 
 
 @dataclass
@@ -70,6 +70,11 @@ class Collectives(Protocol):
         """Elementwise logsumexp over ranks of per-rank partial logsumexps (-inf: nothing here)."""
         ...
 
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        """Elementwise sum of a large t over ranks (an all-reduce): the same on every rank, in an order
+        the backend chooses (exact for integer-valued sums such as counts)."""
+        ...
+
     def counts(self, n: int) -> list[int]:
         """Every rank's n, in rank order."""
         ...
@@ -96,6 +101,9 @@ class LocalCollectives:
     def lse(self, part: Tensor) -> Tensor:
         return part
 
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        return t
+
     def counts(self, n: int) -> list[int]:
         return [n]
 
@@ -104,6 +112,13 @@ class LocalCollectives:
 
     def gather_rows(self, x: Tensor) -> GatheredRows:
         return GatheredRows(rows=x, counts=[x.shape[0]], offsets=[0], rank=0)
+
+
+def share(n: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous share of n rows (the first n % world ranks get one more)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
 
 
 LOCAL = LocalCollectives()

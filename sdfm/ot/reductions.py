@@ -91,9 +91,10 @@ def lower(t: Tensor, precision: Precision) -> Tensor:
     return t
 
 
-def _mm_bf16(a: Tensor, b: Tensor) -> Tensor:
-    """a (n, d) @ b (m, d)^T of bf16 operands into fp32: tensor cores with fp32 accumulation on CUDA
-    (torch.mm with out_dtype), the bf16 values multiplied in fp32 elsewhere (the same arithmetic)."""
+def mm_fp32_out(a: Tensor, b: Tensor) -> Tensor:
+    """a (n, d) @ b (m, d)^T of 16-bit (bf16 or fp16) operands into fp32 scores: tensor cores with fp32
+    accumulation on CUDA (torch.mm with out_dtype), the 16-bit values multiplied in fp32 elsewhere
+    (the same arithmetic: products of 16-bit values are exact in fp32)."""
     global _MM_FP32_OUT
     if a.device.type == "cuda" and _MM_FP32_OUT is not False:
         try:
@@ -108,9 +109,9 @@ def _mm_bf16(a: Tensor, b: Tensor) -> Tensor:
 def products(a: Tensor, b: Tensor, precision: Precision) -> Tensor:
     """<a_i, b_j> (n, m) in fp32 (fp64 for 'fp64') from operands made by ``lower``."""
     if precision == "bf16":
-        return _mm_bf16(a, b)
+        return mm_fp32_out(a, b)
     if precision == "bf16x3":
-        return _mm_bf16(a[0], b[0]) + (_mm_bf16(a[0], b[1]) + _mm_bf16(a[1], b[0]))
+        return mm_fp32_out(a[0], b[0]) + (mm_fp32_out(a[0], b[1]) + mm_fp32_out(a[1], b[0]))
     if a.device.type == "cuda":
         with _tf32(precision == "tf32"):
             return a @ b.T

@@ -11,7 +11,7 @@ One module per concern:
 - ``fit``: ``fit_potential`` to a target χ̂² within a ``FitBudget``, ``Chi2Evaluator``, and the config
   glue (``fit_setup``, ``fit_and_save``).
 - ``potential_file``: the versioned, fingerprinted safetensors file of a potential.
-- ``worker``: the dual-potential worker process; ``velocity``: the exact velocity of the SD-OT flow.
+- ``velocity``: the exact velocity of the SD-OT flow. (The dual-potential worker process is ``sdfm.worker``.)
 """
 
 from sdfm.semidiscrete.fit import Chi2Evaluator, FitBudget, FitResult, fit_and_save, fit_potential, fit_setup

@@ -1,11 +1,19 @@
 """The search backends of ``MatchIndex``: one block of keys (all points, or one class) and its bias.
 
-- ``TorchBlock``: keys y (n, p) in the compute dtype plus a separate fp32 bias vector g, copied in
-  place. The search is chunked over n: a matrix product, the bias, a running argmax (or top-k).
-- ``TritonBlock``: the same keys and bias, searched by the fused kernel ``sdfm.kernels.argmax``.
-- ``FaissBlock``: a flat inner-product FAISS index over augmented keys [y_j ; g_j], queried with
-  [x ; 1]. On the CPU the g column of the index's stored vectors is overwritten in place; a FAISS
-  GPU index cannot be edited in place, so there a new g means ``reset()`` + ``add()``.
+- ``TorchBlock``: keys y (n, p) plus a separate fp32 bias vector g, copied in place. The search is
+  chunked over n: a matrix product, the bias, a running argmax (fp32), or in bf16 / fp16 a running
+  top-k of candidates that ``sdfm.semidiscrete.rescore`` turns into the exact answer.
+- ``TritonBlock``: the same keys and bias, searched by the fused kernel ``sdfm.kernels.argmax`` (fp32).
+- ``FaissBlock``: a flat inner-product FAISS CPU index over augmented keys [y_j ; g_j], queried with
+  [x ; 1]; the g column of the index's stored vectors is overwritten in place.
+- ``FaissGpuBlock``: FAISS's brute-force GPU kNN (``faiss.knn_gpu``) over a database tensor that
+  sdfm owns, [y_j ; g_j] on the GPU: queries and results stay torch CUDA tensors (no host copies), a
+  new g is written into the database's last column in place (no rebuild), and one
+  ``StandardGpuResources`` serves the whole process. fp16 databases give candidates that are
+  rescored like the torch backend's.
+
+Every block answers ``search(q)`` with the exact argmax for fp32 keys (the fp32 scores' argmax) and,
+for 16-bit keys, with the float64-certified argmax (``rescore``).
 
 Library code: single device.
 """
@@ -17,14 +25,20 @@ import torch
 from torch import Tensor
 
 from sdfm import kernels
+from sdfm.ot.reductions import mm_fp32_out
+from sdfm.semidiscrete.rescore import exact_argmax, rescore, score_error_bound
 
-__all__ = ["FaissBlock", "TorchBlock", "TritonBlock", "faiss_gpu_available"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+__all__ = ["DTYPES", "FaissBlock", "FaissGpuBlock", "TorchBlock", "TritonBlock", "faiss_gpu_available"]
 
 
 def faiss_gpu_available() -> bool:
+    """Whether the installed faiss was built with CUDA and sees a GPU (faiss-cpu: never; a GPU build
+    without a device: never, and calling it would abort the process)."""
     import faiss
 
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    return "GPU" in faiss.get_compile_options() and faiss.get_num_gpus() > 0
 
 
 _CPU_SCORES = 1 << 22
@@ -32,13 +46,45 @@ _CPU_SCORES = 1 << 22
 written and re-read faster (measured 1.5x at B = 4,096, d = 64 against 8,192-row chunks)."""
 
 
-class TorchBlock:
-    """Keys of one group of points (all of them, or one class) and their bias, for chunked search."""
+class Certified:
+    """Counts how often a low-precision search had to fall back to the exact search (diagnostics)."""
 
-    def __init__(self, keys: Tensor, chunk_size: int):
-        self.keys = keys.contiguous()  # (n, p) compute dtype
+    def __init__(self) -> None:
+        self.queries = 0
+        self.fallbacks = 0
+
+    def resolve(
+        self, q: Tensor, exact_keys: Tensor, bias: Tensor, cand: Tensor, kth: Tensor, bound: Tensor
+    ) -> Tensor:
+        """The exact argmax of every query from its candidates, searching again where uncertified."""
+        best, ok = rescore(q, exact_keys, bias, cand, kth, bound)
+        self.queries += q.shape[0]
+        if not bool(ok.all()):
+            bad = (~ok).nonzero().squeeze(1)
+            best[bad] = exact_argmax(q[bad], exact_keys, bias)
+            self.fallbacks += bad.shape[0]
+        return best
+
+
+class TorchBlock:
+    """Keys of one group of points (all of them, or one class) and their bias, for chunked search.
+
+    Args:
+        keys: (n, p) fp32 keys (kept: the exact keys that low-precision candidates are rescored with).
+        chunk_size: keys scored at a time (fewer on a CPU).
+        precision: 'fp32', or 'bf16' / 'fp16' candidates rescored exactly.
+        candidates: top-k kept per query by a low-precision search.
+    """
+
+    def __init__(self, keys: Tensor, chunk_size: int, precision: str = "fp32", candidates: int = 16):
+        self.exact = keys.float().contiguous()
+        self.keys = self.exact if precision == "fp32" else self.exact.to(DTYPES[precision])
+        self.precision, self.candidates = precision, candidates
         self.bias = torch.zeros(keys.shape[0], dtype=torch.float32, device=keys.device)
         self.chunk_size = chunk_size
+        self.key_norm = float(self.exact.norm(dim=1).max()) if keys.shape[0] else 0.0
+        self.bias_abs = 0.0  # max |g|, kept at set_bias so that a search needs no device sync for it
+        self.certified = Certified()
 
     def _chunk(self, batch: int) -> int:
         if self.keys.device.type == "cuda":
@@ -47,24 +93,35 @@ class TorchBlock:
 
     def set_bias(self, g: Tensor) -> None:
         self.bias.copy_(g)
+        if self.precision != "fp32":
+            self.bias_abs = float(self.bias.abs().max()) if self.bias.numel() else 0.0
 
     def _scores(self, q: Tensor, start: int, stop: int, out: Tensor | None = None) -> Tensor:
-        if self.keys.dtype == torch.float32:
+        """fp32 scores (B, stop - start) of fp32 queries against keys[start:stop]."""
+        if self.precision == "fp32":
             # One fused pass (BLAS adds the broadcast bias as its C operand) instead of two; into a
             # reused buffer, which on a CPU is about 2x faster than a fresh block per chunk.
             bias, keys = self.bias[None, start:stop], self.keys[start:stop].T
             return torch.addmm(bias, q, keys) if out is None else torch.addmm(bias, q, keys, out=out)
-        # The product runs in the compute dtype (bf16 on CUDA); adding g in fp32 afterwards keeps
-        # potentials that differ by less than bf16's resolution of the scores apart.
-        return (q @ self.keys[start:stop].T).float() + self.bias[start:stop]
+        # 16-bit operands, fp32 products and accumulation, the fp32 bias added after: potentials that
+        # differ by less than the 16-bit resolution of the scores stay apart.
+        return mm_fp32_out(q.to(self.keys.dtype), self.keys[start:stop]).add_(self.bias[start:stop])
 
     def search(self, q: Tensor) -> Tensor:
+        """(B,) int64 argmax ids for fp32 queries q (B, p): exact fp32, or certified exact (16-bit)."""
+        if self.precision != "fp32":
+            k = min(self.candidates, self.keys.shape[0])
+            scores, cand = self.topk(q, k)
+            complete = k == self.keys.shape[0]
+            kth = torch.full_like(scores[:, 0], -torch.inf) if complete else scores[:, -1]
+            bound = score_error_bound(q, self.key_norm, self.bias_abs, self.precision)
+            return self.certified.resolve(q, self.exact, self.bias, cand, kth, bound)
         n = self.keys.shape[0]
         best = torch.full((q.shape[0],), -torch.inf, device=q.device)
         arg = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         chunk = self._chunk(q.shape[0])
         buffer = None
-        if self.keys.dtype == torch.float32 and n > chunk:
+        if n > chunk:
             buffer = torch.empty(q.shape[0], chunk, device=q.device)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
@@ -87,6 +144,7 @@ class TorchBlock:
         return arg
 
     def topk(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """(B, k) fp32 scores (in this block's precision) and int64 ids of the k best keys, best first."""
         n = self.keys.shape[0]
         best = torch.full((q.shape[0], 0), -torch.inf, device=q.device)
         arg = torch.zeros((q.shape[0], 0), dtype=torch.long, device=q.device)
@@ -101,44 +159,37 @@ class TorchBlock:
 
 
 class TritonBlock(TorchBlock):
-    """A ``TorchBlock`` (same keys, same in-place bias) whose search is the fused Triton kernel, or with
-    ``auto`` the faster of the kernel and the torch loop for each shape class (torch off CUDA)."""
+    """A fp32 ``TorchBlock`` (same keys, same in-place bias) whose search is the fused Triton kernel, or
+    with ``auto`` the faster of the kernel and the torch loop for each shape class (torch off CUDA).
+    The kernel keeps one best per query, so there are no candidates to rescore: fp32 only."""
 
     def __init__(self, keys: Tensor, chunk_size: int, auto: bool):
-        super().__init__(keys, chunk_size)
+        super().__init__(keys, chunk_size, "fp32")
         self.auto = auto
 
     def search(self, q: Tensor) -> Tensor:
         if not self.auto:
-            return kernels.argmax(q, self.keys, self.bias).index
+            return kernels.argmax(q, self.keys, self.bias, tf32=False).index
         return kernels.auto(
             "argmax",
             q,
             (q.shape[0], *self.keys.shape),
-            lambda: kernels.argmax(q, self.keys, self.bias).index,
+            lambda: kernels.argmax(q, self.keys, self.bias, tf32=False).index,
             lambda: TorchBlock.search(self, q),
         )
 
 
 class FaissBlock:
-    """A flat inner-product FAISS index over [keys ; g] for one group of points."""
+    """A flat inner-product FAISS CPU index over [keys ; g] for one group of points (fp32)."""
 
-    def __init__(self, keys: Tensor, gpu: bool):
+    def __init__(self, keys: Tensor):
         import faiss
 
         n, p = keys.shape
         self.dim = p + 1
-        self.gpu = gpu
         augmented = np.zeros((n, p + 1), dtype=np.float32)
         augmented[:, :p] = keys.detach().cpu().float().numpy()
-        if gpu:
-            # A GPU index cannot be edited in place; keep the host copy to rebuild from.
-            self.host = augmented
-            self.resources = faiss.StandardGpuResources()
-            self.index = faiss.GpuIndexFlatIP(self.resources, self.dim)
-        else:
-            self.host = None
-            self.index = faiss.IndexFlatIP(self.dim)
+        self.index = faiss.IndexFlatIP(self.dim)
         self.index.add(augmented)
 
     def stored(self) -> np.ndarray:
@@ -150,13 +201,7 @@ class FaissBlock:
         return faiss.rev_swig_ptr(self.index.get_xb(), n * self.dim).reshape(n, self.dim)
 
     def set_bias(self, g: Tensor) -> None:
-        column = g.detach().cpu().float().numpy()
-        if self.gpu:
-            self.host[:, -1] = column
-            self.index.reset()
-            self.index.add(self.host)
-        else:
-            self.stored()[:, -1] = column
+        self.stored()[:, -1] = g.detach().cpu().float().numpy()
 
     def topk(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
         augmented = np.ones((q.shape[0], self.dim), dtype=np.float32)
@@ -166,3 +211,76 @@ class FaissBlock:
 
     def search(self, q: Tensor) -> Tensor:
         return self.topk(q, 1)[1][:, 0]
+
+
+_GPU_RESOURCES: dict[int, object] = {}
+_FAISS_MAX_K = 2048
+"""faiss.knn_gpu aborts the process (it does not raise) for k above this."""
+
+
+def gpu_resources(device: torch.device):
+    """The process's one ``faiss.StandardGpuResources`` for a CUDA device (created on first use; it
+    holds pinned memory, streams and scratch space, so it is shared, never made per index)."""
+    import faiss
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _GPU_RESOURCES:
+        _GPU_RESOURCES[index] = faiss.StandardGpuResources()
+    return _GPU_RESOURCES[index]
+
+
+class FaissGpuBlock:
+    """FAISS brute-force GPU kNN over a database tensor [keys ; g] that sdfm owns (module docstring).
+
+    Args:
+        keys: (n, p) fp32 keys on a CUDA device.
+        precision: 'fp32' (FAISS's fp32 search, top-1) or 'fp16' / 'bf16' (a 16-bit database whose
+            top-k candidates are rescored exactly).
+        candidates: top-k kept per query by a 16-bit search (at most 2048).
+    """
+
+    def __init__(self, keys: Tensor, precision: str = "fp32", candidates: int = 16):
+        import faiss
+        import faiss.contrib.torch_utils  # noqa: F401  (torch tensors in faiss.knn_gpu)
+
+        self.faiss = faiss
+        n, p = keys.shape
+        self.exact = keys.float().contiguous()
+        self.precision, self.candidates = precision, min(candidates, _FAISS_MAX_K)
+        self.database = torch.zeros(n, p + 1, dtype=DTYPES[precision], device=keys.device)
+        self.database[:, :p] = self.exact
+        self.bias = torch.zeros(n, dtype=torch.float32, device=keys.device)
+        self.key_norm = float(self.exact.norm(dim=1).max()) if n else 0.0
+        self.bias_abs = 0.0
+        self.resources = gpu_resources(keys.device)
+        self.certified = Certified()
+
+    def set_bias(self, g: Tensor) -> None:
+        """g (n,): written into the database's last column in place (nothing is re-added)."""
+        self.bias.copy_(g)
+        self.database[:, -1] = self.bias
+        self.bias_abs = float(self.bias.abs().max()) if self.bias.numel() else 0.0
+
+    def topk(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        if k > _FAISS_MAX_K:
+            raise ValueError(f"faiss.knn_gpu takes k <= {_FAISS_MAX_K}, got {k}")
+        queries = torch.ones(q.shape[0], self.database.shape[1], dtype=self.database.dtype, device=q.device)
+        queries[:, :-1] = q
+        with torch.cuda.device(self.database.device):
+            scores, ids = self.faiss.knn_gpu(
+                self.resources, queries, self.database, k, metric=self.faiss.METRIC_INNER_PRODUCT
+            )
+        return scores, ids
+
+    def search(self, q: Tensor) -> Tensor:
+        if self.precision == "fp32":
+            return self.topk(q, 1)[1][:, 0]
+        k = min(self.candidates, self.database.shape[0])
+        scores, cand = self.topk(q, k)
+        complete = k == self.database.shape[0]
+        kth = torch.full_like(scores[:, 0], -torch.inf) if complete else scores[:, -1]
+        # The bias is a database entry here, rounded like the keys; the products accumulate in fp32.
+        bound = score_error_bound(
+            q, self.key_norm, self.bias_abs, self.precision, bias_precision=self.precision
+        )
+        return self.certified.resolve(q, self.exact, self.bias, cand, kth, bound)

@@ -23,6 +23,7 @@ from torch import Tensor
 from sdfm.config import Config
 from sdfm.data import Dataset, sample_source
 from sdfm.errors import UserError
+from sdfm.ot.collectives import LOCAL, Collectives
 from sdfm.semidiscrete.fitter import FitterOptions, PotentialFitter
 from sdfm.semidiscrete.potential_file import save_potential
 from sdfm.semidiscrete.problem import SampleSource, SemidiscreteProblem
@@ -234,10 +235,13 @@ class FitSetup:
     labels: Tensor | None
     sample_source: SampleSource | None
 
-    def fitter(self, y: Tensor, device: torch.device | str | None = None) -> PotentialFitter:
-        """A fresh ``PotentialFitter`` of this problem over the points y (N, d)."""
+    def fitter(
+        self, y: Tensor, device: torch.device | str | None = None, comm: Collectives = LOCAL
+    ) -> PotentialFitter:
+        """A fresh ``PotentialFitter`` of this problem over the points y (N, d), on ``device``, with
+        every step shared by the ranks of ``comm``."""
         return PotentialFitter(
-            y, self.options, labels=self.labels, sample_source=self.sample_source, device=device
+            y, self.options, labels=self.labels, sample_source=self.sample_source, device=device, comm=comm
         )
 
 
@@ -258,17 +262,24 @@ def fit_setup(cfg: Config, data: Dataset) -> FitSetup:
         pca_dim=p.pca_dim,
         backend=p.index,
         seed=cfg.train.seed + 1,
+        precision=None if p.precision == "auto" else p.precision,
+        candidates=p.candidates,
     )
     budget = FitBudget(max_steps=p.max_steps, target_chi2=p.target_chi2, max_seconds=p.max_seconds or None)
     return FitSetup(options, budget, data.labels if cfg.data.conditional else None, source)
 
 
 def fit_and_save(
-    cfg: Config, data: Dataset, path: Path, *, log: Callable[[str], None] | None = print
+    cfg: Config,
+    data: Dataset,
+    path: Path,
+    *,
+    device: torch.device | str | None = None,
+    log: Callable[[str], None] | None = print,
 ) -> FitResult:
-    """Fit the potential of a run's config over its data and save it at ``path`` (version 1, with its
-    χ̂², ε, PCA dimension and the data's fingerprint): ``sdfm fit-potential`` and the fit before
-    training."""
+    """Fit the potential of a run's config over its data on ``device`` (the index, the noise draws and
+    the SGD on g) and save it at ``path`` (version 1, with its χ̂², ε, PCA dimension and the data's
+    fingerprint): ``sdfm fit-potential`` and the fit before training."""
     setup = fit_setup(cfg, data)
     result = fit_potential(
         data.x.flatten(1),
@@ -276,6 +287,7 @@ def fit_and_save(
         setup.budget,
         labels=setup.labels,
         sample_source=setup.sample_source,
+        device=device,
         log=log,
     )
     save_potential(

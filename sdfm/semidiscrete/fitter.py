@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 
 from sdfm.errors import UserError
+from sdfm.ot.collectives import LOCAL, Collectives, share
 from sdfm.semidiscrete.coarse import coarse_start
-from sdfm.semidiscrete.index import Backend, MatchIndex
+from sdfm.semidiscrete.index import Backend, MatchIndex, Precision
 from sdfm.semidiscrete.problem import SampleSource, SemidiscreteProblem
 
 Method = Literal["sgd_ema", "averaged_sgd"]
@@ -69,6 +70,9 @@ class FitterOptions:
             into ~1; ~0.2 for digits and Fashion-MNIST, where g = 0 is as good and the coarse start
             only costs time).
         clusters: K of the coarse start (None: min(1024, N / 16)).
+        precision: of the matching index's products (None: bf16 for the torch index on CUDA, fp32
+            elsewhere; 16-bit answers are rescored and certified exact).
+        candidates: candidates per query of a 16-bit matching search.
     """
 
     epsilon: float = 0.0
@@ -82,6 +86,8 @@ class FitterOptions:
     eps0: float | None = None
     init: Init = "auto"
     clusters: int | None = None
+    precision: Precision | None = None
+    candidates: int = 16
 
     def check(self) -> None:
         """Raise UserError (one line naming the setting) for settings no problem can take."""
@@ -110,6 +116,10 @@ class PotentialFitter:
         labels: (N,) classes: one independent block of g per class.
         sample_source: ``(n, generator) -> (n, d)`` noise; default standard normal.
         device: where to compute (default: y's device).
+        comm: the ranks that share every step (``LOCAL``: one process). Every rank draws the same
+            noise batch (the same seed), scores its share of the rows against all N points, and the
+            column sums are summed over the ranks, so every rank takes the same step: for ε = 0 (counts)
+            bit for bit the single-process one, and the fitter's state is the single-process state.
 
     Attributes:
         problem: the ``SemidiscreteProblem``; n: N; batch_size: noise samples per step.
@@ -126,8 +136,10 @@ class PotentialFitter:
         labels: Tensor | None = None,
         sample_source: SampleSource | None = None,
         device: torch.device | str | None = None,
+        comm: Collectives = LOCAL,
     ):
         options.check()
+        self.comm = comm
         o = self.options = options
         self.problem = SemidiscreteProblem(
             y,
@@ -137,6 +149,8 @@ class PotentialFitter:
             device=device,
             batch_size=o.batch_size,
             sample_source=sample_source,
+            precision=o.precision,
+            candidates=o.candidates,
         )
         p = self.problem
         self.n, self.method, self.epsilon, self.ema = p.n, o.method, float(o.epsilon), o.ema
@@ -202,7 +216,11 @@ class PotentialFitter:
         t = self.t + 1
         eps, lr = self.epsilon_at(t), self.lr_at(t)
         q = self.problem.draw(self.generator)
-        col_sum, col_sq = self.problem.sums(q, self.g, eps)
+        mine = share(q.shape[0], self.comm.rank, self.comm.world)
+        col_sum, col_sq = self.problem.sums(q, self.g, eps, mine)
+        if self.comm.world > 1:  # ε = 0: col_sq is col_sum (counts), one reduction is enough
+            col_sum = self.comm.reduce_sum(col_sum)
+            col_sq = col_sum if eps <= 0 else self.comm.reduce_sum(col_sq)
         chi2 = self.problem.chi2(col_sum, col_sq)
         self.g.sub_(lr * self.problem.gradient(col_sum))
         if self.method == "sgd_ema":

@@ -34,13 +34,23 @@ from torch import Tensor
 
 from sdfm import kernels
 from sdfm.errors import UserError
-from sdfm.semidiscrete.backends import FaissBlock, TorchBlock, TritonBlock, faiss_gpu_available
+from sdfm.semidiscrete.backends import FaissBlock, FaissGpuBlock, TorchBlock, TritonBlock, faiss_gpu_available
 from sdfm.semidiscrete.pca import PCA
 
 Backend = Literal["torch", "faiss", "triton", "auto"]
 BACKENDS = ("torch", "faiss", "triton", "auto")
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS = ("fp32", "bf16", "fp16")
 
-__all__ = ["MatchIndex", "PCA", "TopK", "class_partition", "reference_argmax"]
+__all__ = [
+    "MatchIndex",
+    "PCA",
+    "PRECISIONS",
+    "TopK",
+    "check_precision",
+    "class_partition",
+    "reference_argmax",
+]
 
 
 class TopK(NamedTuple):
@@ -82,6 +92,29 @@ def reference_argmax(
     return scores.argmax(1)
 
 
+def check_precision(backend: str, precision: str, device: torch.device) -> None:
+    """Raise UserError (one line naming the fix) unless ``backend`` can match in ``precision`` on ``device``."""
+    if precision not in PRECISIONS:
+        raise UserError(f"matching precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if backend == "faiss" and device.type == "cuda" and not faiss_gpu_available():
+        raise UserError(
+            "potential.index = 'faiss' on a CUDA device needs FAISS with GPU support, but the installed "
+            "faiss has none (faiss-cpu); pip install 'sdfm[gpu]' (faiss-gpu), or use potential.index = 'torch'"
+        )
+    if precision == "fp32":
+        return
+    if backend in ("triton", "auto"):
+        raise UserError(
+            f"potential.index = {backend!r} matches in fp32 only (its fused kernel keeps one best per query, "
+            f"nothing to rescore); use potential.precision = 'fp32', or potential.index = 'torch' for {precision}"
+        )
+    if backend == "faiss" and device.type != "cuda":
+        raise UserError(
+            f"potential.index = 'faiss' on the CPU matches in fp32 only; use potential.precision = 'fp32', "
+            f"or potential.index = 'torch' for {precision}"
+        )
+
+
 def class_partition(labels: Tensor) -> list[tuple[int, Tensor]]:
     """Split point ids by class: [(class value, (n_c,) int64 sorted global ids), ...], by class value."""
     labels = labels.detach().cpu()
@@ -98,15 +131,20 @@ class MatchIndex:
             torch per shape class on CUDA, torch elsewhere); see the module docstring.
         labels: (N,) int64 classes; queries then search only their own class.
         pca_dim: match in the top-``pca_dim`` principal components of y (0: full dimension d).
-        device: where the torch index lives (default: y's device). The faiss backend uses a FAISS GPU
-            index when this is a CUDA device and faiss was built with GPU support, else the CPU.
+        device: where the index lives (default: y's device). The faiss backend on a CUDA device is
+            FAISS's GPU brute-force search over a database tensor sdfm owns (``FaissGpuBlock``), which
+            needs a FAISS build with GPU support (``pip install 'sdfm[gpu]'``); elsewhere a CPU index.
         chunk_size: rows of y scored at a time by the torch backend (memory: B x chunk_size fp32); on a
             CPU fewer, so that a chunk holds at most 2^22 scores.
-        compute_dtype: dtype of keys and queries in the torch, triton and auto backends' products
-            (default bf16 on CUDA, fp32 on CPU); the bias and the scores are always fp32.
+        precision: of the keys and queries in the products: 'fp32' (the argmax of the fp32 scores),
+            or 'bf16' / 'fp16' (torch backend, and faiss on a GPU), whose top ``candidates`` are
+            rescored in float64 and certified exact (``sdfm.semidiscrete.rescore``). Default: bf16
+            for the torch backend on CUDA, fp32 otherwise. The bias is always added in fp32.
+        candidates: top-k candidates of a 16-bit search (more: fewer exact re-searches).
 
     Raises:
-        UserError: a bad argument, or backend 'triton' where it cannot run (the message names the fix).
+        UserError: a bad argument, a backend that cannot run here or cannot honour the precision (the
+            message names the fix).
 
     Attributes:
         n: number of points N.
@@ -126,7 +164,8 @@ class MatchIndex:
         pca_dim: int = 0,
         device: torch.device | str | None = None,
         chunk_size: int = 8192,
-        compute_dtype: torch.dtype | None = None,
+        precision: Precision | None = None,
+        candidates: int = 16,
     ):
         if y.ndim != 2 or y.shape[0] == 0:
             raise UserError(
@@ -149,9 +188,12 @@ class MatchIndex:
             )
         self.n, self.dim, self.backend = n, d, backend
         self.device = torch.device(device) if device is not None else y.device
-        if compute_dtype is None:
-            compute_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.compute_dtype = compute_dtype
+        if precision is None:
+            precision = "bf16" if self.device.type == "cuda" and backend == "torch" else "fp32"
+        check_precision(backend, precision, self.device)
+        if candidates < 1:
+            raise UserError(f"candidates={candidates} must be at least 1")
+        self.precision, self.candidates = precision, candidates
         self.pca = PCA.fit(y, pca_dim) if pca_dim > 0 else None
         keys = self.pca.keys(y.to(self.device)) if self.pca else y.to(self.device, torch.float32)
         self.match_dim = keys.shape[1]
@@ -159,18 +201,17 @@ class MatchIndex:
         self.labeled = labels is not None
         self._class_slot = {c: i for i, (c, _) in enumerate(groups)}
         self._rows = [rows.to(self.device) for _, rows in groups]
-        use_gpu_faiss = backend == "faiss" and self.device.type == "cuda" and faiss_gpu_available()
-        self._blocks: list[TorchBlock | FaissBlock] = []
+        self._blocks: list[TorchBlock | FaissBlock | FaissGpuBlock] = []
         for rows in self._rows:
             block_keys = keys if not self.labeled else keys[rows]
             if backend == "torch":
-                self._blocks.append(TorchBlock(block_keys.to(compute_dtype), chunk_size))
+                self._blocks.append(TorchBlock(block_keys, chunk_size, precision, candidates))
+            elif backend == "faiss" and self.device.type == "cuda":
+                self._blocks.append(FaissGpuBlock(block_keys, precision, candidates))
             elif backend == "faiss":
-                self._blocks.append(FaissBlock(block_keys, gpu=use_gpu_faiss))
+                self._blocks.append(FaissBlock(block_keys))
             else:
-                self._blocks.append(
-                    TritonBlock(block_keys.to(compute_dtype), chunk_size, auto=backend == "auto")
-                )
+                self._blocks.append(TritonBlock(block_keys, chunk_size, auto=backend == "auto"))
         self.potential = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.last_refresh_seconds = 0.0
 
@@ -225,7 +266,7 @@ class MatchIndex:
             )
         if query_labels is not None and tuple(query_labels.shape) != (x.shape[0],):
             raise UserError(f"query_labels have shape {tuple(query_labels.shape)}; expected ({x.shape[0]},)")
-        return q if self.backend == "faiss" else q.to(self.compute_dtype)
+        return q
 
     def _groups(self, query_labels: Tensor | None):
         """Yield (slot, query positions or None for all) for each class present among the queries."""

@@ -6,12 +6,16 @@ assignments against all N points -> one step), and every ``potential.publish_eve
 its own state ``RUN/potential/worker_state.pt``, both atomically. A restarted worker continues from
 that state, with the next version number. SIGTERM / SIGINT end it after the current step with a final
 publish. Trainers pick up new versions at step boundaries (``SemidiscreteCoupling.poll``).
+
+The fit runs on ``potential.device`` (the trainer's device by default: CUDA when present), and under
+``torchrun --nproc_per_node=K -m sdfm worker --run-dir RUN`` on K ranks that share every step.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -23,8 +27,10 @@ import torch
 from sdfm import config as config_mod
 from sdfm.checkpoint import write_atomic
 from sdfm.data import load_dataset
+from sdfm.distributed.collectives import LOCAL, GroupCollectives
+from sdfm.distributed.env import ProcessGroup, detect, potential_device
 from sdfm.errors import UserError
-from sdfm.monitor import info
+from sdfm.monitor import info, set_main_process
 from sdfm.rundir import check_dataset, potential_dir
 from sdfm.semidiscrete.fit import fit_setup
 from sdfm.semidiscrete.fitter import PotentialFitter
@@ -46,8 +52,17 @@ class _Stop:
 
 def run_worker(run_dir: Path, *, config_path: Path | None = None, max_steps: int = 0, log=info) -> int:
     """Fit and publish until stopped (or ``max_steps`` steps in this process, for tests and batch
-    jobs). Returns the last published version."""
+    jobs). Returns the last published version.
+
+    One process, or every rank of a ``torchrun --nproc_per_node=K -m sdfm worker`` job: each rank
+    scores its share of every noise batch against the whole dataset on its own device and the
+    assignment counts are summed over the ranks, so all ranks take the same SGD step on g
+    (``PotentialFitter(comm=...)``). Rank 0 reads the state, publishes and saves it; state and
+    snapshots are the single-process ones, so a run can resume on another number of ranks.
+    """
     run_dir = Path(run_dir)
+    env = detect()
+    set_main_process(env.is_main)
     cfg_path = config_path or run_dir / "config.toml"
     if not cfg_path.is_file():
         raise UserError(
@@ -56,45 +71,69 @@ def run_worker(run_dir: Path, *, config_path: Path | None = None, max_steps: int
     cfg = config_mod.load_config(cfg_path)
     if cfg.potential.worker_threads:
         torch.set_num_threads(cfg.potential.worker_threads)
+    device = potential_device(env, cfg)
     data = load_dataset(cfg.data)
-    check_dataset(run_dir, data)
+    pg = ProcessGroup(env, device, cfg.train.dist_backend, cfg.train.dist_timeout_s)
+    try:
+        pg.check_same(
+            "the worker's data (its fingerprint)", data.fingerprint, fix="give every rank the run's own data"
+        )
+        check_dataset(run_dir, data)
+        comm = GroupCollectives(None, pg.flag_device) if env.distributed else LOCAL
+        return _fit_and_publish(run_dir, cfg, data, device, comm, pg, max_steps, log)
+    finally:
+        pg.close()
+
+
+def _fit_and_publish(run_dir, cfg, data, device, comm, pg, max_steps: int, log) -> int:
     out = potential_dir(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fitter = fit_setup(cfg, data).fitter(data.x.flatten(1))
+    main = pg.env.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    fitter = fit_setup(cfg, data).fitter(data.x.flatten(1), device, comm)
     state_path = out / "worker_state.pt"
+    state = _read_state(state_path, log) if main else None
+    state = pg.broadcast_object(state)
     version = 0
-    if state_path.is_file():
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-            fitter.load_state_dict(state["fitter"])
-            version = int(state["version"])
-            log(f"worker: resumed from {state_path} at step {fitter.t}, version {version}")
-        except UserError:
-            raise
-        except Exception as e:  # a torn state file: say so and start over rather than crash forever
-            log(
-                f"warning: worker state {state_path} is unreadable ({type(e).__name__}); starting the fit from zero"
-            )
+    if state is not None:
+        fitter.load_state_dict(state["fitter"])
+        version = int(state["version"])
+        log(f"worker: resumed from {state_path} at step {fitter.t}, version {version}")
     stop = _Stop()
     p = cfg.potential
     chi2_smooth = math.nan
+    ranks = f" on {pg.env.world_size} ranks" if pg.env.distributed else ""
     log(
-        f"worker: fitting g for {data.name} (N={len(data)}, eps={p.epsilon}, {p.method}), publishing every {p.publish_every} steps"
+        f"worker: fitting g for {data.name} (N={len(data)}, eps={p.epsilon}, {p.method}) on {device}{ranks}, "
+        f"publishing every {p.publish_every} steps"
     )
     steps_here = 0
-    while not stop.requested and not (max_steps and steps_here >= max_steps):
+    while not pg.any(stop.requested) and not (max_steps and steps_here >= max_steps):
         stats = fitter.step()
         steps_here += 1
         chi2_smooth = stats["chi2"] if math.isnan(chi2_smooth) else 0.9 * chi2_smooth + 0.1 * stats["chi2"]
         if fitter.t % p.publish_every == 0:
             version += 1
-            publish(out, fitter, version, chi2_smooth, data.fingerprint, p.pca_dim)
+            if main:
+                publish(out, fitter, version, chi2_smooth, data.fingerprint, p.pca_dim)
             log(f"worker: step {fitter.t} published version {version} chi2 {chi2_smooth:.4g}")
     if fitter.t % p.publish_every:  # final publish of the last steps
         version += 1
-        publish(out, fitter, version, chi2_smooth, data.fingerprint, p.pca_dim)
+        if main:
+            publish(out, fitter, version, chi2_smooth, data.fingerprint, p.pca_dim)
         log(f"worker: step {fitter.t} published version {version} chi2 {chi2_smooth:.4g}; stopping")
     return version
+
+
+def _read_state(path: Path, log) -> dict | None:
+    """The worker's saved state, or None (none yet, or unreadable: then the fit starts over)."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn state file: say so and start over rather than crash forever
+        log(f"warning: worker state {path} is unreadable ({type(e).__name__}); starting the fit from zero")
+        return None
 
 
 def publish(
@@ -117,6 +156,22 @@ def publish(
     )
 
 
+LAUNCH_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+"""The variables of a torchrun launch (``sdfm.distributed.env.detect``), removed from a spawned worker."""
+
+
 class WorkerProcess:
     """A worker started by the trainer as a subprocess (``potential.spawn_worker``).
 
@@ -129,11 +184,19 @@ class WorkerProcess:
         out.mkdir(parents=True, exist_ok=True)
         self.log_path = out / "worker.log"
         self._log = open(self.log_path, "ab")
+        # The worker is one process of its own, not a rank of the trainer's job: a torchrun launch's
+        # variables would make it join (and wait for) a process group of its own size.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in LAUNCH_VARIABLES and not k.startswith("TORCHELASTIC_")
+        }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sdfm", "worker", "--run-dir", str(run_dir)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env=env,
         )
         self._reported = False
 
