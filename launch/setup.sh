@@ -5,6 +5,7 @@
 #                e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128")
 #   SDFM_VENV    where the virtual environment lives (default .venv in the repository)
 #   PYTHON       interpreter used to create it (default python3)
+#   SDFM_EXTRAS  extras to install (default dev,cpu; on a GPU machine dev,gpu: faiss-gpu for faiss-cpu)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -28,7 +29,7 @@ fi
 
 # Stamp: skip pip when neither pyproject.toml nor the torch pin changed since the last install.
 stamp="$venv/.sdfm-installed"
-want="$(sha256sum pyproject.toml | cut -c1-64) $torch_spec"
+want="$(sha256sum pyproject.toml | cut -c1-64) $torch_spec ${SDFM_EXTRAS:-dev,cpu}"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$venv/bin/python" -c "import sdfm, torch" 2>/dev/null; then
   exit 0
 fi
@@ -40,6 +41,6 @@ torch_version="$("$venv/bin/python" -c 'import torch; print(torch.__version__.sp
 constraints="$venv/.torch-constraint.txt"
 echo "torch==$torch_version" > "$constraints"
 echo "[setup] installing sdfm and its dependencies (torch held at $torch_version)"
-"${pip[@]}" install -q -c "$constraints" -e ".[dev]"
+"${pip[@]}" install -q -c "$constraints" -e ".[${SDFM_EXTRAS:-dev,cpu}]"
 echo "$want" > "$stamp"
 echo "[setup] done: $venv"

@@ -20,7 +20,9 @@ from typing import Annotated, Literal, Union
 import tyro
 
 from sdfm import config as config_mod
+from sdfm.bench.exact import ExactBench
 from sdfm.bench.match import MatchBench
+from sdfm.bench.overhead import OverheadBench
 from sdfm.bench.potential import PotentialBench
 from sdfm.bench.quality import QualityBench
 from sdfm.bench.sinkhorn import SinkhornBench
@@ -187,6 +189,8 @@ BENCHES = {
     "match": MatchBench,
     "potential": PotentialBench,
     "quality": QualityBench,
+    "exact": ExactBench,
+    "overhead": OverheadBench,
 }
 COMMANDS = {
     "train": TrainCommand,

@@ -86,6 +86,9 @@ class CouplingConfig:
     semidiscrete OT against the whole dataset (SD-FM; see the [potential] section)."""
     epsilon: float = 0.05
     """Entropic regularization relative to the spread of the cost: the solver uses epsilon * std(C)."""
+    exact_solver: Literal["auto", "lsa", "emd"] = "auto"
+    """Exact OT solver: scipy's linear_sum_assignment, POT's network simplex (emd), or auto (emd in
+    low dimension, lsa elsewhere: the faster of the two as measured, by the batch's shape only)."""
     cost: Literal["sqeuclidean", "dot"] = "sqeuclidean"
     """Ground cost: 0.5*|x-y|^2 or -<x,y> (the same coupling; the norms fold into the potentials)."""
     backend: Literal["torch", "keops", "triton", "auto"] = "torch"
@@ -98,8 +101,10 @@ class CouplingConfig:
     """Stop when the L1 error of the row marginal, sum_i |sum_j P_ij - a_i|, falls below this."""
     check_every: int = 10
     """Check the marginal error every this many iterations."""
-    warm_start: bool = True
-    """Start each batch's Sinkhorn from the previous batch's potentials."""
+    warm_start: bool = False
+    """Start each batch's Sinkhorn from the previous batch's column potential. Off by default: for
+    independent batches it took 15-20% more iterations than a cold start (measured on 8 gaussians and
+    64-d Gaussians, n = 256 and 1,024, epsilon 0.05 and 0.01); it suits streams of related batches."""
     anneal_from: float = 0.0
     """If > epsilon, anneal the relative epsilon geometrically from this value down to epsilon."""
     block_size: int = 4096
@@ -208,6 +213,9 @@ class TrainConfig:
     """torch.compile the model (the first steps compile it: tens of seconds)."""
     tf32: bool = True
     """On CUDA, let fp32 matrix products and convolutions use TF32 tensor cores."""
+    prefetch_pairs: bool = True
+    """Compute the next step's pairs in a background thread while this step trains, for couplings that
+    run on the CPU (exact OT; a semidiscrete coupling with a CPU index): the same pairs, bit for bit."""
     log_every: int = 100
     """Print one log line and write metrics every this many steps."""
     ckpt_every: int = 1000

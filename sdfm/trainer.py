@@ -30,12 +30,13 @@ from sdfm.checkpoint import CheckpointManager
 from sdfm.config import Config
 from sdfm.couplings import check_coupling_config
 from sdfm.data import Dataset, DataStream, load_dataset
-from sdfm.data.noise import draw_rows, step_generator
+from sdfm.data.noise import step_generator
 from sdfm.distributed.couplings import rank_coupling
 from sdfm.distributed.env import DistEnv, ProcessGroup, detect, device_for, potential_device
 from sdfm.errors import AgreedError, UserError
 from sdfm.models import EMA, build_model
 from sdfm.monitor import Monitor, info, set_main_process
+from sdfm.pairing import PairSource
 from sdfm.rundir import potential_dir, prepare_run_dir, record_dataset, snapshot_path
 
 LOG_KEYS = (
@@ -123,6 +124,19 @@ class Trainer:
         self.coupling = rank_coupling(cfg, self.data, self.pg, self.device, warn=info)
         self.worker = None  # the dual-potential worker subprocess, when rank 0 started one
         self.stream = DataStream(len(self.data), cfg.train.batch_size, cfg.train.seed)  # global batches
+        lo = self.rank * self.local_batch
+        self.pairing = PairSource(
+            self.data,
+            self.stream,
+            self.coupling,
+            self.generator,
+            source=cfg.data.source,
+            seed=cfg.train.seed,
+            rows=(lo, lo + self.local_batch),
+            conditional=self.conditional,
+            device=self.device,
+            prefetch=cfg.train.prefetch_pairs,
+        )
         self.step = 0
         self.stop_requested = False  # set by SIGTERM; acted on at the next step boundary
         self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last, warn=info)
@@ -144,19 +158,9 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step; returns its metrics."""
         cfg, dev = self.cfg, self.device
-        self.coupling.poll()  # a new dual potential from the worker is swapped in here, between steps
-        lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
-        idx = self.stream.next()[lo:hi]  # this rank's rows of the global batch
-        x1 = self.data.x[idx].to(dev)
-        labels = self.data.labels[idx].to(dev) if self.conditional else None
-        x0, t = draw_rows(cfg.data.source, self.data.shape, cfg.train.seed, self.step, lo, hi)
-        x0, t = x0.to(dev), t.to(dev)
-
-        t_couple = time.perf_counter()
-        pairs = self.coupling.pair(x0, x1, labels, self.generator(self.step))
-        coupling_ms = 1000 * (time.perf_counter() - t_couple)
-
-        x0, x1 = pairs.x0, pairs.x1
+        step = self.pairing.take(self.step)  # this rank's rows of the global batch, paired
+        pairs, t = step.pairs, step.t.to(dev)
+        x0, x1 = pairs.x0.to(dev), pairs.x1.to(dev)
         tb = t.view(-1, *[1] * (x0.dim() - 1))
         xt = (1 - tb) * x0 + tb * x1
         with amp.autocast(self.precision, dev):
@@ -182,7 +186,8 @@ class Trainer:
             "loss": loss.item(),
             "grad_norm": grad_norm.item(),
             "lr": lr,
-            "coupling_ms": coupling_ms,
+            "coupling_ms": step.coupling_ms,
+            "coupling_wait_ms": step.wait_ms,
             **self.coupling.stats(),
         }
 
@@ -225,6 +230,7 @@ class Trainer:
                 path = self.save()
                 monitor.print(f"saved checkpoint {path}")
         signal.signal(signal.SIGTERM, previous_handler)
+        self.pairing.close()
         if cfg.train.eval_at_end and self.step == cfg.train.steps and main:
             from sdfm.evaluate import evaluate_run
 

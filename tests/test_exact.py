@@ -25,13 +25,21 @@ def brute_force(x: torch.Tensor, y: torch.Tensor, cost: str) -> torch.Tensor:
     return perms[totals.argmin()]
 
 
+@pytest.mark.parametrize("solver", ["auto", "lsa", "emd"])
 @pytest.mark.parametrize("cost", ["sqeuclidean", "dot"])
 @pytest.mark.parametrize("n", [1, 2, 5, 7])
-def test_exact_matches_brute_force(cost, n):
+def test_exact_matches_brute_force(cost, n, solver):
     g = torch.Generator().manual_seed(n)
     for _ in range(3):
         x, y = torch.randn(n, 3, generator=g), torch.randn(n, 3, generator=g) + 1
-        assert torch.equal(exact_ot_assignment(x, y, cost), brute_force(x, y, cost))
+        assert torch.equal(exact_ot_assignment(x, y, cost, solver), brute_force(x, y, cost))
+
+
+@pytest.mark.parametrize("d", [2, 16])
+def test_both_solvers_find_the_same_optimum(d):
+    g = torch.Generator().manual_seed(d)
+    x, y = torch.randn(300, d, generator=g), torch.randn(300, d, generator=g) + 1
+    assert torch.equal(exact_ot_assignment(x, y, solver="lsa"), exact_ot_assignment(x, y, solver="emd"))
 
 
 def test_exact_coupling_pairs_by_the_permutation():

@@ -20,6 +20,7 @@ LAYERS = [
     ("sdfm.ot",),
     ("sdfm.couplings", "sdfm.semidiscrete"),
     ("sdfm.distributed",),
+    ("sdfm.pairing",),
     ("sdfm.trainer", "sdfm.worker", "sdfm.evaluate"),
     ("sdfm.bench", "sdfm.cli", "sdfm.train", "sdfm.__main__"),
 ]

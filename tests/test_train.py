@@ -22,6 +22,7 @@ def tiny_config(kind="exact", steps=40) -> Config:
     cfg.model.hidden, cfg.model.depth = 32, 2
     cfg.coupling.kind = kind
     cfg.coupling.max_iter = 50
+    cfg.coupling.warm_start = True  # exercise the checkpointed warm-start state of the Sinkhorn coupling
     cfg.train.steps, cfg.train.batch_size = steps, 64
     cfg.train.ckpt_every, cfg.train.log_every = 20, 10
     cfg.train.eval_at_end = False
@@ -277,3 +278,25 @@ def test_run_dir_rules(tmp_path):
     _assert_clean_error(
         sdfm("sample", "--run-dir", tmp_path / "stuff", "--out", tmp_path / "o.npy"), "no sdfm run"
     )
+
+
+@pytest.mark.parametrize("kind", ["exact", "semidiscrete"])
+def test_prefetched_pairs_are_the_synchronous_pairs(tmp_path, kind):
+    """CPU couplings pair step k + 1 in a background thread while step k trains: the same weights, bit
+    for bit, as pairing each step in turn; and a resume in the middle continues them exactly."""
+    runs = {}
+    for prefetch in (False, True):
+        cfg = tiny_config(kind, 40)
+        cfg.potential.max_steps, cfg.potential.batch_size = 200, 64
+        cfg.train.prefetch_pairs = prefetch
+        runs[prefetch] = _train(cfg, tmp_path / str(prefetch))
+    assert runs[True].pairing.prefetching and runs[True].pairing.prefetched == 39
+    assert not runs[False].pairing.prefetching and runs[False].pairing.prefetched == 0
+    for name, p in runs[False].model.state_dict().items():
+        assert torch.equal(p, runs[True].model.state_dict()[name]), name
+    cfg = tiny_config(kind, 40)
+    cfg.potential.max_steps, cfg.potential.batch_size = 200, 64
+    _train(cfg, tmp_path / "resumed", until=20)
+    resumed = _train(cfg, tmp_path / "resumed", resume=True)
+    for name, p in runs[False].model.state_dict().items():
+        assert torch.equal(p, resumed.model.state_dict()[name]), name

@@ -101,7 +101,7 @@ def build_coupling(
     if cfg.kind == "independent":
         return IndependentCoupling(per_class=per_class)
     if cfg.kind == "exact":
-        return ExactOTCoupling(cost=cfg.cost, per_class=per_class)
+        return ExactOTCoupling(cost=cfg.cost, solver=cfg.exact_solver, per_class=per_class)
     if cfg.kind == "sinkhorn":
         return SinkhornCoupling(sinkhorn_options(cfg), warm_start=cfg.warm_start, per_class=per_class)
     choices = ", ".join(repr(k) for k in KINDS)

@@ -42,6 +42,9 @@ class Coupling(ABC):
     """
 
     per_class: bool = False
+    prefetchable: bool = False
+    """Whether ``pair`` runs on the CPU and talks to no other rank, so that the next step's pairs can
+    be computed in a background thread (``sdfm.pairing``)."""
 
     @abstractmethod
     def pair(self, x0: Tensor, x1: Tensor, labels: Tensor | None, generator: torch.Generator) -> Pairs:

@@ -139,6 +139,11 @@ class SemidiscreteCoupling(Coupling):
 
     # ------------------------------------------------------------------------------------ coupling
 
+    @property
+    def prefetchable(self) -> bool:
+        """A CPU matching index (not a sharded one, whose searches are collectives) pairs ahead."""
+        return isinstance(self.index, MatchIndex) and self.index.device.type == "cpu"
+
     def pair(self, x0: Tensor, x1: Tensor, labels: Tensor | None, generator: torch.Generator) -> Pairs:
         """Match each x0 (B, *shape) to a data point; the batch x1 is only used for its labels, which
         set the class of each query in class-conditional matching."""

@@ -144,10 +144,14 @@ class DataStream:
             self._perm = torch.randperm(self.n, generator=gen)
         return self._perm
 
+    def peek(self) -> Tensor:
+        """Indices (batch_size,) of the next minibatch, without moving the stream (what ``next`` returns)."""
+        start = self.batch * self.batch_size
+        return self._permutation()[start : start + self.batch_size]
+
     def next(self) -> Tensor:
         """Indices (batch_size,) of the next minibatch."""
-        start = self.batch * self.batch_size
-        idx = self._permutation()[start : start + self.batch_size]
+        idx = self.peek()
         self.batch += 1
         if (self.batch + 1) * self.batch_size > self.n:
             self.epoch, self.batch, self._perm = self.epoch + 1, 0, None

@@ -172,6 +172,10 @@ class SharedPotentialCoupling(CouplingWrapper):
         if self.pg.env.is_main:
             self.inner.watch(path)
 
+    @property
+    def prefetchable(self) -> bool:
+        return self.inner.prefetchable  # pairing is local; only poll (main thread) is a collective
+
     def pair(self, x0: Tensor, x1: Tensor, labels: Tensor | None, generator: torch.Generator) -> Pairs:
         return self.inner.pair(x0, x1, labels, generator)
 

@@ -35,9 +35,11 @@ __all__ = ["DTYPES", "FaissBlock", "FaissGpuBlock", "TorchBlock", "TritonBlock",
 
 def faiss_gpu_available() -> bool:
     """Whether the installed faiss was built with CUDA and sees a GPU (faiss-cpu: never; a GPU build
-    without a device: never, and calling it would abort the process)."""
-    import faiss
-
+    without a device: never, and calling it would abort the process; no faiss at all: never)."""
+    try:
+        import faiss
+    except ImportError:
+        return False
     return "GPU" in faiss.get_compile_options() and faiss.get_num_gpus() > 0
 
 

@@ -26,6 +26,7 @@ global ids), and a query of class c only searches class c: pairs never cross cla
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from typing import Literal, NamedTuple
 
@@ -96,6 +97,11 @@ def check_precision(backend: str, precision: str, device: torch.device) -> None:
     """Raise UserError (one line naming the fix) unless ``backend`` can match in ``precision`` on ``device``."""
     if precision not in PRECISIONS:
         raise UserError(f"matching precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if backend == "faiss" and importlib.util.find_spec("faiss") is None:
+        raise UserError(
+            "potential.index = 'faiss' needs FAISS, which is not installed: pip install 'sdfm[cpu]' "
+            "(faiss-cpu) or 'sdfm[gpu]' (faiss-gpu), or use potential.index = 'torch'"
+        )
     if backend == "faiss" and device.type == "cuda" and not faiss_gpu_available():
         raise UserError(
             "potential.index = 'faiss' on a CUDA device needs FAISS with GPU support, but the installed "
