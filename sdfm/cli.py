@@ -21,6 +21,7 @@ import tyro
 
 from sdfm import config as config_mod
 from sdfm.bench.exact import ExactBench
+from sdfm.bench.gpu_check import GpuCheck
 from sdfm.bench.match import MatchBench
 from sdfm.bench.overhead import OverheadBench
 from sdfm.bench.potential import PotentialBench
@@ -191,6 +192,7 @@ BENCHES = {
     "quality": QualityBench,
     "exact": ExactBench,
     "overhead": OverheadBench,
+    "gpu-check": GpuCheck,
 }
 COMMANDS = {
     "train": TrainCommand,
@@ -200,7 +202,10 @@ COMMANDS = {
     "worker": WorkerCommand,
     "train-classifier": TrainClassifierCommand,
 }
-BENCH_HELP = "benchmarks beside their peers: suite (named workloads with the goals), sinkhorn, match, potential, quality"
+BENCH_HELP = (
+    "benchmarks beside their peers: suite (named workloads with the goals), sinkhorn, match, potential, "
+    "quality, exact, overhead; gpu-check (the one-shot GPU check of launch/gpu-check.sh)"
+)
 
 
 def _preset(name: str, argv: list[str]):

@@ -152,8 +152,8 @@ class PotentialConfig:
     shape; else torch)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Precision of the matching products: fp32, or bf16 / fp16 whose top candidates are rescored in
-    float64 and certified exact (torch index; faiss on a GPU). 'auto': bf16 for the torch index on
-    CUDA, fp32 otherwise."""
+    float64 and certified exact (torch index; faiss on a GPU). 'auto': for the torch index on CUDA
+    fp16 when the points fit its range (every coordinate below 4,094), else bf16; fp32 otherwise."""
     candidates: int = 16
     """Candidates per query that a 16-bit matching search rescores (more: fewer exact re-searches)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -38,6 +38,7 @@ from sdfm.models import EMA, build_model
 from sdfm.monitor import Monitor, info, set_main_process
 from sdfm.pairing import PairSource
 from sdfm.rundir import potential_dir, prepare_run_dir, record_dataset, snapshot_path
+from sdfm.semidiscrete.index import check_precision
 
 LOG_KEYS = (
     "loss",
@@ -372,6 +373,9 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite:
     check_coupling_config(cfg.coupling)
     env = detect()
     set_main_process(env.is_main)
+    if cfg.coupling.kind == "semidiscrete":  # the potential's device and index, before any file
+        precision = "fp32" if cfg.potential.precision == "auto" else cfg.potential.precision
+        check_precision(cfg.potential.index, precision, potential_device(env, cfg))
     dataset = load_dataset(cfg.data)  # fail on bad data before touching the run folder
     pg = ProcessGroup(
         env, device_for(env, cfg.train.device), cfg.train.dist_backend, cfg.train.dist_timeout_s

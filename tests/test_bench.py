@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from sdfm.bench import suite
+from sdfm.bench.match import MatchBench, label
+from sdfm.bench.match import run as run_match
+from sdfm.bench.potential import PotentialBench
 from sdfm.bench.sinkhorn import reference_sinkhorn
 from sdfm.ot.sinkhorn import SinkhornOptions, sinkhorn
 
@@ -37,15 +40,22 @@ def test_sinkhorn_figures_follow_from_the_times(toy):
 
 
 def test_matching_figures_follow_from_the_times(toy):
-    timed = {r["method"]: r for r in toy["match"] if "seconds" in r}
-    for method in ("sdfm-torch", "sdfm-faiss", "faiss-flat", "faiss-fp16", "torch-matmul"):
+    timed = {label(r["method"], r["precision"]): r for r in toy["match"] if "seconds" in r}
+    for method in (
+        "sdfm-torch fp32",
+        "sdfm-torch bf16",
+        "sdfm-faiss fp32",
+        "faiss-flat",
+        "faiss-fp16",
+        "torch-matmul",
+    ):
         r = timed[method]
         assert r["seconds"] == pytest.approx(statistics.median(r["times_s"]))
         assert r["queries_per_s"] == pytest.approx(r["B"] / r["seconds"])
         assert r["tflops"] == pytest.approx(2 * r["B"] * r["N"] * r["d"] / r["seconds"] / 1e12)
         assert r["peak_share"] == pytest.approx(r["tflops"] * 1e12 / toy["peak_flops"])
         assert "f64_agree" in r and r["cpu_util"] > 0
-    for method in ("sdfm-torch", "sdfm-faiss"):
+    for method in ("sdfm-torch fp32", "sdfm-torch bf16", "sdfm-faiss fp32"):
         ours = timed[method]
         assert set(ours["vs_peers"]) == {"faiss-flat", "faiss-fp16", "torch-matmul"}
         for name, ratio in ours["vs_peers"].items():
@@ -118,3 +128,33 @@ def test_reference_sinkhorn_is_sdfms_iteration(one_thread):
     assert iters == 7 and f.dtype == torch.float64
     assert torch.allclose(ours.f.double(), f, atol=1e-4 * ours.eps)
     assert torch.allclose(ours.g.double(), g, atol=1e-4 * ours.eps)
+
+
+def test_low_precision_matching_on_real_data_is_rescored_to_the_float64_answer(one_thread):
+    """bench match on digits with a fitted potential: sdfm's 16-bit rows agree with float64 on every
+    checked query and report their fallback rate; the uncertified bf16-raw row is the reference."""
+    options = MatchBench(
+        data="digits", N=[600], B=[128], methods=["sdfm-torch", "bf16-raw"], precisions=["fp32", "fp16"],
+        fit_seconds=0.5, repeats=1, budget=5.0, f64_check=128, device="cpu",
+    )  # fmt: skip
+    rows = {label(r["method"], r["precision"]): r for r in run_match(options)}
+    assert set(rows) == {"sdfm-torch fp32", "sdfm-torch fp16", "bf16-raw"}
+    assert all((r["N"], r["d"], r["data"]) == (600, 64, "digits") for r in rows.values())
+    assert rows["sdfm-torch fp32"]["f64_agree"] == rows["sdfm-torch fp16"]["f64_agree"] == 1.0
+    assert 0.0 <= rows["sdfm-torch fp16"]["fallback_rate"] <= 1.0 and "fallback_rate" not in rows["bf16-raw"]
+    assert 0.0 < rows["bf16-raw"]["f64_agree"] <= 1.0
+
+
+def test_potential_bench_runs_a_two_rank_fit(tmp_path):
+    path = tmp_path / "potential.json"
+    bench = PotentialBench(
+        data="gaussian", gaussian_n=400, gaussian_d=8, methods=["sgd_ema"], ranks=[1, 2], budget=1.0,
+        checkpoints=2, batch_size=256, eval_samples=1024, json=path,
+    )  # fmt: skip
+    assert bench.run() == 0
+    runs = {m["label"]: m for m in json.loads(path.read_text())["methods"]}
+    assert set(runs) == {"sgd_ema", "sgd_ema x2"} and runs["sgd_ema x2"]["ranks"] == 2
+    for run in runs.values():
+        steps = [r["steps"] for r in run["rows"]]
+        assert steps == sorted(steps) and steps[0] >= 1 and all(math.isfinite(r["chi2"]) for r in run["rows"])
+        assert run["rows"][-1]["seconds"] >= 1.0

@@ -305,3 +305,38 @@ def test_precision_and_backend_combinations_that_cannot_work_are_refused():
     if not faiss_gpu_available():  # faiss-cpu (or no GPU): a GPU FAISS index is refused, never faked
         with pytest.raises(UserError, match="FAISS with GPU support.*sdfm\\[gpu\\]"):
             MatchIndex(y, backend="faiss", device="cuda")
+
+
+def test_fp16_is_the_cuda_default_where_the_points_fit_and_overflow_is_never_trusted():
+    from sdfm.semidiscrete.index import default_precision
+    from sdfm.semidiscrete.rescore import FP16_MAX, score_error_bound
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert default_precision("torch", cuda, 1.0) == "fp16"
+    assert default_precision("torch", cuda, 1e5) == "bf16"  # beyond fp16's range: bf16 has fp32's
+    assert default_precision("torch", cpu, 1.0) == default_precision("faiss", cuda, 1.0) == "fp32"
+    with pytest.raises(UserError, match="beyond fp16's range.*'bf16'"):
+        MatchIndex(torch.full((4, 3), 1e5), precision="fp16")
+    # A query coordinate that fp16 rounds to inf gets an infinite bound: always searched again exactly.
+    q = torch.tensor([[1.0, 2.0], [2 * FP16_MAX, 0.0]])
+    bound = score_error_bound(q, 3.0, 1.0, "fp16")
+    assert torch.isfinite(bound[0]) and torch.isinf(bound[1])
+    y = torch.randn(40, 2)
+    index = MatchIndex(y, precision="fp16")
+    index.set_potential(torch.zeros(40))
+    assert torch.equal(index.search(q), reference_argmax(q, y, torch.zeros(40)))
+    assert index.fallbacks == (2, 1)
+
+
+def test_fp16_subnormal_coordinates_stay_within_the_bound():
+    """Coordinates below fp16's normal range (2^-14) round absolutely, not relatively."""
+    from sdfm.ot.reductions import mm_fp32_out
+    from sdfm.semidiscrete.rescore import score_error_bound
+
+    gen = torch.Generator().manual_seed(9)
+    y = 1e-6 * torch.randn(300, 64, generator=gen)  # all subnormal in fp16
+    x = torch.randn(50, 64, generator=gen)
+    approx = mm_fp32_out(x.half(), y.half())
+    exact = x.double() @ y.double().T
+    bound = score_error_bound(x, float(y.norm(dim=1).max()), 0.0, "fp16")
+    assert ((approx.double() - exact).abs() <= bound[:, None]).all()

@@ -224,15 +224,23 @@ UNIT_ROUNDOFF = {"fp32": 2.0**-24, "tf32": 2.0**-11, "bf16": 2.0**-8, "bf16x3": 
 """Relative rounding of one operand of the score products in each precision (bf16x3: hi + lo)."""
 
 
+CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "bf16x3"])
 @pytest.mark.parametrize(("d", "epsilon"), [(2, 0.05), (16, 0.02)])
-def test_low_precision_products_stay_within_their_stated_error(precision, d, epsilon):
+def test_low_precision_products_stay_within_their_stated_error(precision, d, epsilon, device):
     """The potentials of each product precision deviate from the float64 loop by at most
     2 u max_ij |x~_i||y~_j| (in units of eps: u the operands' relative rounding, x~, y~ the points in
-    units of sqrt(eps)) beyond what fp32 itself deviates; potentials and marginals stay fp32."""
+    units of sqrt(eps)) beyond what fp32 itself deviates; potentials and marginals stay fp32. On CUDA
+    the products run on tensor cores (tf32, bf16)."""
     from sdfm.ot.sinkhorn import scaled
 
-    x, y = points(300, 260, d, seed=d)
+    x, y = (p.to(device) for p in points(300, 260, d, seed=d))
     options = dict(epsilon=epsilon, tol=0.0, max_iter=40)
     ref = sinkhorn(x, y, SinkhornOptions(**options, precision="fp64"))
 

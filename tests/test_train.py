@@ -200,12 +200,27 @@ def _assert_clean_error(r, *needles):
         (["--coupling.epsilon", "-0.5"], ["error:", "coupling.epsilon"]),
         (["--coupling.kind", "magic"], ["coupling.kind"]),
         (["--coupling.nosuchkey", "1"], ["coupling.nosuchkey"]),
+        (
+            ["--coupling.kind", "sinkhorn", "--coupling.backend", "keops", "--coupling.precision", "bf16"],
+            ["error: coupling.precision = 'bf16' cannot be computed by coupling.backend = 'keops'"],
+        ),
+        (
+            ["--coupling.kind", "semidiscrete", "--potential.index", "faiss", "--potential.precision", "bf16"],
+            ["error: potential.index = 'faiss' on the CPU matches in fp32 only", "potential.precision = 'fp32'"],
+        ),
+        pytest.param(
+            ["--coupling.kind", "semidiscrete", "--potential.device", "cuda"],
+            ["error: potential.device = 'cuda' but CUDA is not available", "'cpu' or 'auto'"],
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there"),
+        ),
     ],
 )
 def test_bad_input_exits_2(tmp_path, args, needles):
     r = sdfm("train", "--run-dir", tmp_path / "run", *args)
     _assert_clean_error(r, *needles)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    if needles[0].startswith("error:"):  # sdfm's own checks: one line (tyro's parse errors: a box)
+        assert len([line for line in r.stderr.splitlines() if line.strip()]) == 1, r.stderr
+    assert not (tmp_path / "run").exists()  # rejected before the run folder is touched
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,10 @@ the cost of applying a new potential.
 For each (N, d): synthetic data y ~ N(0, I) (N, d) and a random potential g; for each B: queries
 x ~ N(0, I) (B, d). Methods, all exact (flat) searches:
 
-- ``sdfm-torch``: ``MatchIndex(backend='torch')``: chunked matmul + fp32 bias + running argmax
-  (bf16 products on CUDA, fp32 on CPU).
+- ``sdfm-torch``: ``MatchIndex(backend='torch')``: chunked matmul + fp32 bias + running argmax, once
+  per ``--precisions`` entry: fp32, or bf16 / fp16 top-``--candidates`` candidates rescored in float64
+  (the answer certified exact; the ``fallback`` column is the share of queries searched again
+  because their candidates could not be certified).
 - ``sdfm-faiss``: ``MatchIndex(backend='faiss')``: ``IndexFlatIP`` over [y ; g], queries [x ; 1].
 - ``sdfm-triton``: ``MatchIndex(backend='triton')``: the fused kernel ``sdfm.kernels.argmax`` (CUDA;
   skipped elsewhere with the reason, since Triton's CPU interpreter is far too slow to time).
@@ -16,6 +18,15 @@ x ~ N(0, I) (B, d). Methods, all exact (flat) searches:
   ``IndexScalarQuantizer(d, ScalarQuantizer.QT_fp16, METRIC_INNER_PRODUCT)`` (vectors stored as
   fp16 and decoded during a scan; an exact search of the fp16-rounded vectors, not a GEMM).
 - ``torch-matmul``: ``(x @ y.T).argmax(1)`` in one piece, no bias (a (B, N) score matrix).
+- ``bf16-raw``: the argmax of bf16 products plus the fp32 bias, with no rescoring: what a 16-bit
+  search answers without a certificate (its ``f64`` column is the mismatch that rescoring removes).
+
+``--data``: ``gaussian`` (y ~ N(0, I) (N, d) and g ~ N(0, 1), the grid of ``--N`` x ``--d``) or real
+images, ``digits`` (N = 1,797, d = 64) or ``fashion-mnist`` (the 60,000 training images, d = 784),
+flattened in [-1, 1], a random subset of each ``--N`` (the whole set when N is larger), with
+g_j = -|y_j|^2 / 2 (nearest-neighbour matching). ``--fit-seconds S`` replaces g by a potential
+fitted for S seconds: its cells have nearly equal mass, so many scores are close, as in training.
+The queries are always noise, x ~ N(0, I) (B, d).
 
 Columns: ms per batch and queries/s (median of up to ``--repeats`` calls after one warm-up call,
 fewer when they would exceed ``--budget`` seconds; a warm-up call longer than half the budget is the
@@ -52,11 +63,16 @@ from torch import Tensor
 
 from sdfm.bench.common import default_device, machine_info, set_threads, sync, timed, triton_skip, write_json
 from sdfm.bench.peers import PlainIndex
-from sdfm.semidiscrete import MatchIndex
+from sdfm.semidiscrete import FitterOptions, MatchIndex, PotentialFitter
+from sdfm.semidiscrete.backends import TorchBlock
 
-METHODS = ("sdfm-torch", "sdfm-faiss", "sdfm-triton", "faiss-flat", "faiss-fp16", "torch-matmul")
+METHODS = ("sdfm-torch", "sdfm-faiss", "sdfm-triton", "faiss-flat", "faiss-fp16", "torch-matmul", "bf16-raw")
 PEERS = ("faiss-flat", "faiss-fp16", "torch-matmul")
-MethodName = Literal["sdfm-torch", "sdfm-faiss", "sdfm-triton", "faiss-flat", "faiss-fp16", "torch-matmul"]
+MethodName = Literal[
+    "sdfm-torch", "sdfm-faiss", "sdfm-triton", "faiss-flat", "faiss-fp16", "torch-matmul", "bf16-raw"
+]
+BIASED = ("sdfm-torch", "sdfm-faiss", "sdfm-triton", "bf16-raw")
+"""Methods that search with the potential (their f64 reference includes g)."""
 
 
 @dataclass(kw_only=True)
@@ -72,6 +88,15 @@ class MatchBench:
     """Query batch sizes."""
     methods: list[MethodName] = field(default_factory=lambda: list(METHODS))
     """Methods to time."""
+    data: Literal["gaussian", "digits", "fashion-mnist"] = "gaussian"
+    """Points: synthetic N(0, I) with a random g, or real images with g = -|y|^2/2 (d is theirs)."""
+    precisions: list[Literal["fp32", "bf16", "fp16"]] = field(default_factory=lambda: ["fp32", "bf16"])
+    """Key precisions of sdfm-torch (and of sdfm-faiss on a GPU); 16-bit answers are rescored exactly."""
+    candidates: int = 16
+    """Top-k candidates of a 16-bit sdfm search."""
+    fit_seconds: float = 0.0
+    """Replace g by a potential fitted for this many seconds (sdfm's default fitter): balanced cells,
+    whose many near-ties are what a trainer's matching meets (0: g as described above)."""
     repeats: int = 3
     """Timed calls per measurement (median reported)."""
     budget: float = 20.0
@@ -124,6 +149,7 @@ def _memory_gb(method: str, n: int, d: int, b: int, chunk: int) -> float:
         "faiss-flat": 4 * n * d + 4 * n * (d + 1),  # the index, and the rebuild of [y ; g]
         "faiss-fp16": 2 * n * d + 4 * n * (d + 1) + 2 * n * (d + 1),  # codes, the rebuild's input and codes
         "torch-matmul": 4 * b * n,
+        "bf16-raw": 2 * n * d + 4 * b * chunk,
     }[method]
     return (4 * n * d + extra) / 2**30
 
@@ -180,30 +206,74 @@ def _predicted_seconds(method: str, search, x: Tensor, n: int, d: int, flops: fl
     return 2 * x.shape[0] * n * d / flops
 
 
+def _problems(args: MatchBench):
+    """Yield (y (N, d), g (N,), {B: queries (B, d)}) on the bench device for each point set of the grid."""
+    device = torch.device(args.device)
+    if args.data == "gaussian":
+        for n in args.N:
+            for d in args.d:
+                gen = torch.Generator().manual_seed(args.seed)
+                y, g = torch.randn(n, d, generator=gen), torch.randn(n, generator=gen)
+                queries = {b: torch.randn(b, d, generator=gen).to(device) for b in args.B}
+                yield y.to(device), g.to(device), queries
+        return
+    from sdfm.data import files
+
+    images = files.load_digits()[0] if args.data == "digits" else files.load_fashion_mnist("train")[0]
+    points = torch.from_numpy(images).flatten(1)
+    for n in sorted({min(n, len(points)) for n in args.N}):
+        gen = torch.Generator().manual_seed(args.seed)
+        keep = torch.randperm(len(points), generator=gen)[:n].sort().values
+        y = points[keep].contiguous()
+        queries = {b: torch.randn(b, y.shape[1], generator=gen).to(device) for b in args.B}
+        yield y.to(device), (-0.5 * (y * y).sum(1)).to(device), queries
+
+
+def _variants(method: str, args: MatchBench, device: torch.device) -> list[str]:
+    """The precisions ``method`` runs in: each of ``--precisions`` for the indexes that rescore 16-bit
+    candidates (sdfm-torch; sdfm-faiss on a GPU), '' for the others."""
+    if method == "sdfm-torch" or (method == "sdfm-faiss" and device.type == "cuda"):
+        return list(dict.fromkeys(args.precisions))
+    return ["fp32"] if method.startswith("sdfm") else [""]
+
+
+def _fitted(y: Tensor, seconds: float, seed: int) -> Tensor:
+    """A potential for y fitted for ``seconds`` by the default ``PotentialFitter``."""
+    fitter = PotentialFitter(y, FitterOptions(seed=seed))
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fitter.step()
+    print(f"potential: {fitter.t} steps of {fitter.method} in {seconds:g} s")
+    return fitter.potential()
+
+
 def run(args: MatchBench) -> list[dict]:
     """Run the grid of ``args``, printing one line per row; returns the rows."""
     device = torch.device(args.device)
     flops = _calibrate(device)
     print(
-        f"calibration: {flops / 1e9:.0f} GFLOP/s fp32 matmul; budget {args.budget:g} s, mem {args.mem_gb:g} GB"
+        f"calibration: {flops / 1e9:.0f} GFLOP/s fp32 matmul; budget {args.budget:g} s, mem {args.mem_gb:g} GB; "
+        f"data {args.data}"
     )
     header = (
-        f"{'N':>8} {'d':>4} {'B':>5}  {'method':<13} {'where':>5} {'ms/batch':>9} {'queries/s':>10} "
-        f"{'refresh ms':>10} {'cpu':>4} {'f64':>6} {'agree':>6}"
+        f"{'N':>8} {'d':>4} {'B':>5}  {'method':<16} {'where':>5} {'ms/batch':>9} {'queries/s':>10} "
+        f"{'refresh ms':>10} {'cpu':>4} {'f64':>6} {'agree':>6} {'fallback':>8}"
     )
     print(header)
     print("-" * len(header))
     rows: list[dict] = []
-    for n in args.N:
-        for d in args.d:
-            gen = torch.Generator().manual_seed(args.seed)
-            y = torch.randn(n, d, generator=gen).to(device)
-            g = torch.randn(n, generator=gen).to(device)
-            queries = {b: torch.randn(b, d, generator=gen).to(device) for b in args.B}
-            answers: dict[int, Tensor] = {}
-            references: dict[tuple[int, bool], Tensor] = {}
-            for method in args.methods:
-                cells = [{"N": n, "d": d, "B": b, "method": method} for b in args.B]
+    for y, g, queries in _problems(args):
+        n, d = y.shape
+        if args.fit_seconds > 0:
+            g = _fitted(y, args.fit_seconds, args.seed)
+        answers: dict[int, Tensor] = {}
+        references: dict[tuple[int, bool], Tensor] = {}
+        for method in args.methods:
+            for precision in _variants(method, args, device):
+                cells = [
+                    {"N": n, "d": d, "B": b, "method": method, "precision": precision, "data": args.data}
+                    for b in args.B
+                ]
                 reason = unavailable(method, device)
                 if reason is not None:
                     rows += [_skip(row, reason) for row in cells]
@@ -218,7 +288,7 @@ def run(args: MatchBench) -> list[dict]:
                 if not fits:
                     continue
                 try:
-                    _method_rows(method, fits, y, g, queries, answers, references, flops, args)
+                    _method_rows(method, precision, fits, y, g, queries, answers, references, flops, args)
                 except (RuntimeError, MemoryError) as error:  # a GPU index out of memory, say
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -228,19 +298,43 @@ def run(args: MatchBench) -> list[dict]:
                             _skip(row, reason)
                 rows += fits
                 gc.collect()
-            del y, g, queries
-            gc.collect()
+        del y, g, queries
+        gc.collect()
     return rows
 
 
+class RawLowPrecision:
+    """``bf16-raw``: the best candidate of sdfm's bf16 scores (bf16 products, fp32 accumulation and
+    bias), taken as the answer without the float64 rescoring that certifies it."""
+
+    def __init__(self, y: Tensor, chunk_size: int):
+        self.block = TorchBlock(y, chunk_size, "bf16", candidates=1)
+        self.where = y.device.type
+
+    def refresh(self, g: Tensor) -> float:
+        start = time.perf_counter()
+        self.block.set_bias(g)
+        return time.perf_counter() - start
+
+    def search(self, x: Tensor) -> Tensor:
+        return self.block.topk(x, 1)[1][:, 0]
+
+
+def label(method: str, precision: str) -> str:
+    """A row's name: the method, and its precision where it has several (``sdfm-torch bf16``)."""
+    return f"{method} {precision}" if precision else method
+
+
 def _skip(row: dict, reason: str) -> dict:
-    print(f"{row['N']:>8} {row['d']:>4} {row['B']:>5}  {row['method']:<13} skipped: {reason}")
+    name = label(row["method"], row.get("precision", ""))
+    print(f"{row['N']:>8} {row['d']:>4} {row['B']:>5}  {name:<16} skipped: {reason}")
     row["skipped"] = reason
     return row
 
 
 def _method_rows(
     method: str,
+    precision: str,
     fits: list[dict],
     y: Tensor,
     g: Tensor,
@@ -255,14 +349,25 @@ def _method_rows(
     the float64 brute force across methods."""
     device, (n, d) = y.device, y.shape
     start = time.perf_counter()
+    index: MatchIndex | PlainIndex | RawLowPrecision
     if method.startswith("sdfm"):
-        index = MatchIndex(y, backend=method.split("-")[1], chunk_size=args.chunk_size)
+        index = MatchIndex(
+            y,
+            backend=method.split("-")[1],
+            chunk_size=args.chunk_size,
+            precision=precision,
+            candidates=args.candidates,
+        )
         index.set_potential(g)
         refresh = statistics.median(
             [(index.set_potential(g + i), index.last_refresh_seconds)[1] for i in range(3)]
         )
         index.set_potential(g)
         search, where = index.search, device.type
+    elif method == "bf16-raw":
+        index = RawLowPrecision(y, args.chunk_size)
+        refresh = index.refresh(g)
+        search, where = index.search, index.where
     else:
         index = PlainIndex(method, y)
         refresh = index.refresh(g)
@@ -276,14 +381,20 @@ def _method_rows(
         if predicted > args.budget:
             _skip(row, f"predicted {predicted:.0f} s per call > --budget {args.budget:g} s")
             continue
+        before = index.fallbacks if isinstance(index, MatchIndex) else (0, 0)
         times, util, found = _time_calls(lambda x=x: search(x), device, args.repeats, args.budget)
+        fallback = ""
+        if isinstance(index, MatchIndex) and index.precision != "fp32":
+            queries, fallbacks = (now - then for now, then in zip(index.fallbacks, before, strict=True))
+            row["fallback_rate"] = fallbacks / max(queries, 1)
+            fallback = f"{row['fallback_rate']:.4f}"
         seconds = statistics.median(times)
         found = found.cpu()
         row |= {"seconds": seconds, "times_s": times, "queries_per_s": b / seconds, "cpu_util": util}
         f64 = ""
         k = min(args.f64_check, b)
         if k > 0:
-            biased = method.startswith("sdfm")
+            biased = method in BIASED
             if (b, biased) not in references:
                 references[(b, biased)] = f64_argmax(x[:k], y, g if biased else None)
             row["f64_agree"] = float((found[:k] == references[(b, biased)]).double().mean())
@@ -295,7 +406,8 @@ def _method_rows(
             row["agree_with_sdfm_torch"] = float((found == answers[b]).double().mean())
             agree = f"{row['agree_with_sdfm_torch']:.4f}"
         print(
-            f"{n:>8} {d:>4} {b:>5}  {method:<13} {where:>5} {1e3 * seconds:>9.1f} "
-            f"{b / seconds:>10.0f} {1e3 * refresh:>10.2f} {util:>4.1f} {f64:>6} {agree:>6}"
+            f"{n:>8} {d:>4} {b:>5}  {label(method, precision):<16} {where:>5} {1e3 * seconds:>9.1f} "
+            f"{b / seconds:>10.0f} {1e3 * refresh:>10.2f} {util:>4.1f} {f64:>6} {agree:>6} {fallback:>8}"
         )
     return fits
+

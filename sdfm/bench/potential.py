@@ -27,12 +27,20 @@ Measured on a shared 2-core AMD EPYC CPU (torch 2.13, batch 1,024, ε = 0, χ̂�
 | Fashion 10k, d = 784 | 12.4 | 0.036 at 75 s | 0.018 at 75 s, 0.0003 at 150 s | 0.64 at 143 s |
 | Fashion 60k, d = 784 | 26.1 | 1.87 at 120 s, 0.78 at 240 s | 1.21 at 120 s, 0.63 at 240 s | 4.9 at 80 s, 3.3 at 228 s |
 
+``--ranks 1 2``: each sdfm method also runs as a multi-rank fit (``PotentialFitter(comm=...)``, the
+fit of ``sdfm worker`` under ``torchrun``) on that many local gloo processes, each with
+cpu_count / ranks threads (or ``--threads``), so every row uses the same cores: every rank scores
+its share of each noise batch against all N points and one all-reduce of the counts gives every rank
+the same step. Rank 0 keeps the clock and tells the others when to snapshot and when to stop. On a
+GPU node this is the multi-GPU worker's scaling; on one CPU it shows what the collectives cost.
+
 Run: ``sdfm bench potential`` (digits, 60 s per method), or e.g.
 ``sdfm bench potential --data fashion-mnist --max-points 10000 --pca-dim 64 --budget 120``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +51,7 @@ from torch import Tensor
 
 from sdfm.bench.common import machine_info, write_json
 from sdfm.bench.peers import pot_semidiscrete
+from sdfm.ot.collectives import LOCAL, Collectives
 from sdfm.semidiscrete import PCA, Chi2Evaluator, FitterOptions, PotentialFitter
 
 METHODS = ("sgd_ema", "averaged_sgd", "pot")
@@ -77,7 +86,9 @@ class PotentialBench:
     target: float = 0.05
     """χ̂² level whose first crossing is reported."""
     threads: int = 0
-    """torch CPU threads (0: torch's default)."""
+    """torch CPU threads (0: torch's default; with --ranks, per rank: cpu_count / ranks)."""
+    ranks: list[int] = field(default_factory=lambda: [1])
+    """Process counts of each sdfm fit (2 or more: a multi-rank fit on local gloo processes)."""
     seed: int = 0
     """Seed of the subset and of each method's noise."""
     json: Path | None = None
@@ -107,10 +118,15 @@ def _load(args: PotentialBench) -> tuple[str, Tensor]:
     return args.data, y.contiguous().float()
 
 
-def _run_sdfm(method: str, keys: Tensor, args: PotentialBench) -> tuple[list[dict], list[Tensor], dict]:
+def _run_sdfm(
+    method: str, keys: Tensor, args: PotentialBench, comm: Collectives = LOCAL
+) -> tuple[list[dict], list[Tensor], dict]:
+    """Fit for ``args.budget`` seconds, snapshotting ``potential()`` at budget/2^k without stopping the
+    clock. With several ranks, rank 0's clock is broadcast at every step, so all ranks step, snapshot
+    and stop together."""
     options = FitterOptions(method=method, epsilon=args.epsilon, batch_size=args.batch_size, seed=args.seed)
-    fitter = PotentialFitter(keys, options)
-    info = {"lr": fitter.lr, "eps0": fitter.eps0 if method == "averaged_sgd" else None}
+    fitter = PotentialFitter(keys, options, comm=comm)
+    info = {"lr": fitter.lr, "eps0": fitter.eps0 if method == "averaged_sgd" else None, "ranks": comm.world}
     marks = [args.budget / 2**k for k in range(args.checkpoints - 1, -1, -1)]
     rows: list[dict] = []
     snaps: list[Tensor] = []
@@ -118,12 +134,35 @@ def _run_sdfm(method: str, keys: Tensor, args: PotentialBench) -> tuple[list[dic
     while marks:
         fitter.step()
         elapsed = time.perf_counter() - start
+        if comm.world > 1:  # rank 0's clock for every rank
+            elapsed = float(comm.broadcast(torch.tensor([elapsed], dtype=torch.float64))[0])
         if elapsed >= marks[0]:
             snaps.append(fitter.potential())
             rows.append({"steps": fitter.t, "seconds": elapsed})
             while marks and elapsed >= marks[0]:
                 marks.pop(0)
     return rows, snaps, info
+
+
+def _rank_fit(rank: int, world: int, method: str, keys: Tensor, args: PotentialBench):
+    """One rank of a multi-rank fit (run by ``run_local``); rank 0's rows and snapshots are the answer."""
+    from sdfm.distributed.collectives import GroupCollectives
+
+    return _run_sdfm(method, keys, args, GroupCollectives(None, "cpu"))
+
+
+def _fit(method: str, ranks: int, keys: Tensor, args: PotentialBench) -> tuple[list[dict], list[Tensor], dict]:
+    if method == "pot":
+        return pot_semidiscrete(
+            keys, epsilon=args.epsilon, batch_size=args.batch_size, seed=args.seed, budget=args.budget
+        )
+    if ranks == 1:
+        return _run_sdfm(method, keys, args)
+    from sdfm.distributed.spawn import run_local
+
+    threads = args.threads if args.threads > 0 else max(1, (os.cpu_count() or 1) // ranks)
+    timeout = 4 * args.budget + 300  # spawn, data transfer, coarse start, then the budget
+    return run_local(_rank_fit, ranks, args=(method, keys, args), timeout_s=timeout, threads=threads)[0]
 
 
 def _main(args: PotentialBench) -> int:
@@ -148,23 +187,22 @@ def _main(args: PotentialBench) -> int:
     )
     chi2_zero = evaluator(torch.zeros(n))
     print(f"chi2 of g = 0: {chi2_zero:.4f}")
-    header = f"{'method':<14} {'steps':>7} {'seconds':>8} {'chi2':>9}"
+    header = f"{'method':<18} {'steps':>7} {'seconds':>8} {'chi2':>9}"
     print(header)
     print("-" * len(header))
     results = []
-    for method in args.methods:
-        if method == "pot":
-            rows, snaps, info = pot_semidiscrete(
-                keys, epsilon=args.epsilon, batch_size=args.batch_size, seed=args.seed, budget=args.budget
-            )
-        else:
-            rows, snaps, info = _run_sdfm(method, keys, args)
+    runs = [(m, r) for m in args.methods for r in (sorted(set(args.ranks)) if m != "pot" else [1])]
+    for method, ranks in runs:
+        rows, snaps, info = _fit(method, ranks, keys, args)
+        label = method if ranks == 1 else f"{method} x{ranks}"
         for row, g in zip(rows, snaps, strict=True):
             row["chi2"] = evaluator(g)
-            print(f"{method:<14} {row['steps']:>7} {row['seconds']:>8.2f} {row['chi2']:>9.4f}")
+            print(f"{label:<18} {row['steps']:>7} {row['seconds']:>8.2f} {row['chi2']:>9.4f}")
         reached = next((r for r in rows if r["chi2"] <= args.target), None)
         summary = {
             "method": method,
+            "ranks": ranks,
+            "label": label,
             "settings": info,
             "rows": rows,
             "final_chi2": rows[-1]["chi2"],
@@ -172,11 +210,11 @@ def _main(args: PotentialBench) -> int:
         }
         results.append(summary)
     print()
-    print(f"{'method':<14} {'final chi2':>10} {'at s':>7} {'steps':>7}  first chi2 <= {args.target:g}")
+    print(f"{'method':<18} {'final chi2':>10} {'at s':>7} {'steps':>7}  first chi2 <= {args.target:g}")
     for r in results:
         last = r["rows"][-1]
         hit = "not reached" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f} s"
-        print(f"{r['method']:<14} {r['final_chi2']:>10.4f} {last['seconds']:>7.1f} {last['steps']:>7}  {hit}")
+        print(f"{r['label']:<18} {r['final_chi2']:>10.4f} {last['seconds']:>7.1f} {last['steps']:>7}  {hit}")
     if args.json is not None:
         data = {"name": name, "n": n, "d": y.shape[1], "pca_dim": args.pca_dim, "explained": explained}
         write_json(args.json, machine, args, data=data, chi2_zero=chi2_zero, methods=results)

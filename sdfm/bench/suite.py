@@ -10,6 +10,10 @@ Workloads (``--workload``):
 - ``cpu``: the same shape of work scaled down to finish in about 10 minutes on one thread: Sinkhorn
   at n = 1,024 and 4,096, d = 256; matching against N = 20,000 and 200,000 at d = 256 with the same
   B; the training step at 1x16x16.
+- ``gpu-check``: the reduced ``gpu`` workload of the one-shot GPU check (``launch/gpu-check.sh``):
+  Sinkhorn at n = 65,536, d = 3,072 in every precision (torch and Triton backends) beside GeomLoss
+  (KeOps) and flash-sinkhorn; matching of B = 4,096 against N = 1,281,167 at d = 3,072 in fp32 and
+  bf16 beside FAISS fp32 / fp16; the training step. A few minutes on an H100.
 - ``toy``: a few seconds, for the tests.
 
 Each workload runs the existing benchmarks (``sdfm.bench.sinkhorn.run``, ``sdfm.bench.match.run``,
@@ -94,6 +98,7 @@ class Workload:
     match_n: tuple[int, ...]
     match_d: int
     match_b: tuple[int, ...]
+    match_precisions: tuple[str, ...]
     train: TrainStep
     budget: float
     mem_gb: float
@@ -115,8 +120,24 @@ WORKLOADS = {
         match_n=(50_000, 1_281_167),
         match_d=3072,
         match_b=(256, 1024, 4096),
+        match_precisions=("fp32", "bf16"),
         train=TrainStep(batch=256, shape=(3, 32, 32), model=_unet(**CIFAR10_UNET), n=1_281_167),
         budget=60.0,
+        mem_gb=64.0,
+        peak_size=8192,
+    ),
+    "gpu-check": Workload(
+        sinkhorn=((65536, 3072),),
+        precisions=("fp32", "tf32", "bf16", "bf16x3"),
+        iters=5,
+        backends=("torch", "triton"),
+        peers=("geomloss", "flash"),
+        match_n=(1_281_167,),
+        match_d=3072,
+        match_b=(4096,),
+        match_precisions=("fp32", "bf16"),
+        train=TrainStep(batch=256, shape=(3, 32, 32), model=_unet(**CIFAR10_UNET), n=1_281_167),
+        budget=20.0,
         mem_gb=64.0,
         peak_size=8192,
     ),
@@ -129,6 +150,7 @@ WORKLOADS = {
         match_n=(20_000, 200_000),
         match_d=256,
         match_b=(256, 1024, 4096),
+        match_precisions=("fp32",),  # 16-bit products are emulated on a CPU: slower, nothing to gain
         train=TrainStep(batch=256, shape=(1, 16, 16), model=_unet(channels=32), n=200_000),
         budget=45.0,
         mem_gb=8.0,
@@ -143,6 +165,7 @@ WORKLOADS = {
         match_n=(2000,),
         match_d=16,
         match_b=(64,),
+        match_precisions=("fp32", "bf16"),
         train=TrainStep(batch=16, shape=(1, 8, 8), model=_unet(channels=8), n=2000),
         budget=5.0,
         mem_gb=1.0,
@@ -156,7 +179,7 @@ class SuiteBench:
     """Named workloads that put sdfm's Sinkhorn and matching beside their peers, with TFLOP/s, the share
     of the hardware peak, the error against float64, the ratio to every peer, and the goals."""
 
-    workload: Literal["gpu", "cpu", "toy"] = "cpu"
+    workload: Literal["gpu", "gpu-check", "cpu", "toy"] = "cpu"
     """Named sizes (see the module docstring)."""
     device: str = field(default_factory=default_device)
     """cpu or cuda."""
@@ -237,6 +260,8 @@ def _match_rows(w: Workload, args: SuiteBench, peak: float) -> list[dict]:
         mem_gb=w.mem_gb,
         device=args.device,
         f64_check=args.f64_check,
+        precisions=list(w.match_precisions),
+        methods=[m for m in match.METHODS if m != "bf16-raw"],  # a reference of the mismatch, not a peer
     )
     rows = match.run(options)
     for r in rows:
@@ -310,7 +335,7 @@ def _peer(rows: list[dict], prefix: str, key: str, **where) -> dict | None:
 
 def goals(workload: str, device: torch.device, sk: list[dict], mt: list[dict], train: dict) -> list[dict]:
     """The performance goals, each with status 'met', 'not met' or 'pending (...)' and the measurement."""
-    on_gpu = workload == "gpu" and device.type == "cuda"
+    on_gpu = workload in ("gpu", "gpu-check") and device.type == "cuda"
     out: list[dict] = []
 
     def add(goal: str, ok: bool | None, measured: str, pending: str = "pending (no GPU)") -> None:
@@ -363,7 +388,7 @@ def goals(workload: str, device: torch.device, sk: list[dict], mt: list[dict], t
     gpu_goal("GPU: that matching at least 3x faster than FAISS fp32 flat search", match_faiss)
     gpu_goal("GPU: an SD-FM training step spends under 10% of its time matching", train_share)
 
-    if workload == "gpu" or device.type == "cuda":
+    if workload.startswith("gpu") or device.type == "cuda":
         return out
     # CPU: every sdfm backend that ran against the best peer on the same workload cell.
     cells = [(r["n"], r["d"]) for r in sk]
@@ -382,7 +407,7 @@ def _cpu_goal(add, label: str, group: list[dict], key: str) -> None:
     if not peers or not mine:
         return add(f"{label}: no sdfm backend slower than the best peer", False, "nothing to compare")
     best = min(peers, key=lambda r: r[key])
-    parts = [f"{r['method']} {best[key] / r[key]:.2f}x" for r in mine]
+    parts = [f"{match.label(r['method'], r.get('precision', ''))} {best[key] / r[key]:.2f}x" for r in mine]
     ok = all(r[key] <= best[key] for r in mine)
     measured = f"vs best peer {best['method']}: " + ", ".join(parts)
     skipped = [r["method"] for r in group if r["method"].startswith("sdfm") and "skipped" in r]
@@ -420,11 +445,11 @@ def _print_tables(
         )
     print("* effective rate: POT computes the n x m cost once per solve and does not recompute it")
     print(f"\n== Matching (peak: {peak_label}; TFLOP/s = 2 B N d per batch / time)")
-    head = f"{'N':>9} {'d':>5} {'B':>5}  {'method':<13} {'where':>5} {'ms/batch':>9} {'queries/s':>9} {'TFLOP/s':>8}"
+    head = f"{'N':>9} {'d':>5} {'B':>5}  {'method':<16} {'where':>5} {'ms/batch':>9} {'queries/s':>9} {'TFLOP/s':>8}"
     head += f" {'%peak':>6} {'f64':>6} {'cpu':>4} " + " ".join(f"{'x ' + p:>12}" for p in match.PEERS)
     print(head + "\n" + "-" * len(head))
     for r in mt:
-        lead = f"{r['N']:>9} {r['d']:>5} {r['B']:>5}  {r['method']:<13}"
+        lead = f"{r['N']:>9} {r['d']:>5} {r['B']:>5}  {match.label(r['method'], r.get('precision', '')):<16}"
         if "skipped" in r:
             print(f"{lead} skipped: {r['skipped']}")
             continue

@@ -70,8 +70,8 @@ class FitterOptions:
             into ~1; ~0.2 for digits and Fashion-MNIST, where g = 0 is as good and the coarse start
             only costs time).
         clusters: K of the coarse start (None: min(1024, N / 16)).
-        precision: of the matching index's products (None: bf16 for the torch index on CUDA, fp32
-            elsewhere; 16-bit answers are rescored and certified exact).
+        precision: of the matching index's products (None: ``default_precision``, 16-bit for
+            the torch index on CUDA, fp32 elsewhere; 16-bit answers are rescored and certified exact).
         candidates: candidates per query of a 16-bit matching search.
     """
 

@@ -96,8 +96,8 @@ class SemidiscreteProblem:
         device: where to compute (default: y's device).
         batch_size: noise samples per batch (with labels, split across classes, at least 2 each).
         sample_source: ``(n, generator) -> (n, d)`` noise; default standard normal.
-        precision, candidates: of the matching index (``MatchIndex``; default precision: bf16 for the
-            torch index on CUDA, fp32 elsewhere, 16-bit answers certified exact).
+        precision, candidates: of the matching index (``MatchIndex``; default precision: 16-bit for
+            the torch index on CUDA, fp32 elsewhere, 16-bit answers certified exact).
 
     Attributes:
         index: the matching index (its bias is the last potential scored at ε = 0).

@@ -6,7 +6,9 @@ rounding proves that no point outside the candidates can beat it:
 
 - every low-precision score s~_ij is within e_i of the exact s_ij = <q_i, y_j> + g_j (the bound of
   ``score_error_bound``: operand rounding 2u + u^2 and fp32 accumulation of the d products, both
-  relative to |q_i| max_j |y_j|, plus the fp32 rounding of the sum and of the bias);
+  relative to |q_i| max_j |y_j|, the absolute rounding of coordinates below the normal range, plus
+  the fp32 rounding of the sum and of the bias; infinite for a query beyond fp16's range, so that
+  such a query is always searched again);
 - a point j outside the top-k has s~_ij <= s~_i(k), the k-th candidate's low-precision score, so
   s_ij <= s~_i(k) + e_i;
 - hence if the best rescored candidate j* has s_ij* > s~_i(k) + e_i, it is the exact argmax (with
@@ -23,11 +25,15 @@ from torch import Tensor
 
 UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}
 """Relative rounding of one operand stored in each precision."""
+FP16_MAX = 65504.0
+"""The largest finite fp16 value: a larger operand or bias would round to inf."""
+_SUBNORMAL_STEP = {"fp32": 2.0**-150, "bf16": 2.0**-134, "fp16": 2.0**-25}
+"""Absolute rounding of an operand below the normal range (half the smallest subnormal step)."""
 
 _CHUNK = 1 << 24
 """Entries of the float64 candidate block gathered at a time (128 MB)."""
 
-__all__ = ["UNIT_ROUNDOFF", "exact_argmax", "rescore", "score_error_bound"]
+__all__ = ["FP16_MAX", "UNIT_ROUNDOFF", "exact_argmax", "rescore", "score_error_bound"]
 
 
 def score_error_bound(
@@ -43,10 +49,20 @@ def score_error_bound(
         bias_precision: the precision the bias was added in (a FAISS fp16 database rounds it).
     """
     u = UNIT_ROUNDOFF[precision]
-    gamma = 2.0 * q.shape[1] * 2.0**-24  # fp32 accumulation of p products, doubled for any order
-    product = q.double().norm(dim=1) * key_norm
+    p = q.shape[1]
+    gamma = 2.0 * p * 2.0**-24  # fp32 accumulation of p products, doubled for any order
+    q_norm = q.double().norm(dim=1)
+    product = q_norm * key_norm
     operands = (2 * u + u * u + gamma * (1 + u) ** 2) * product
-    return operands + 2.0**-23 * (product + bias_abs) + UNIT_ROUNDOFF[bias_precision] * bias_abs
+    # Coordinates below the normal range round absolutely: |<q, dy>| <= |q| sqrt(p) step, and alike.
+    tiny = _SUBNORMAL_STEP[precision] * p**0.5 * (q_norm + key_norm) * (1 + u)
+    bound = operands + tiny + 2.0**-23 * (product + bias_abs) + UNIT_ROUNDOFF[bias_precision] * bias_abs
+    if precision == "fp16":  # an operand beyond fp16's range became inf: nothing can be certified
+        overflow = q.abs().amax(1) > FP16_MAX if q.numel() else torch.zeros(q.shape[0], dtype=torch.bool)
+        bound = torch.where(overflow.to(bound.device), torch.inf, bound)
+    if bias_precision == "fp16" and bias_abs > FP16_MAX:
+        bound = torch.full_like(bound, torch.inf)
+    return bound
 
 
 def _exact_scores(q: Tensor, keys: Tensor, bias: Tensor, cand: Tensor) -> Tensor:
