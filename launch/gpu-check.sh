@@ -47,7 +47,16 @@ if [ -n "$wheels" ]; then
   # Into a private folder, never over the packages of the machine's Python (its torch stays as it is).
   site="$root/.cache/gpu-check-site"
   mkdir -p "$site"
-  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl
+  found=()
+  for wheel in "$wheels"/*.whl; do
+    case "$(basename "$wheel")" in
+      sdfm-*) echo "gpu-check: ignoring $wheel: sdfm itself is installed from this checkout" ;;
+      *) found+=("$wheel") ;;
+    esac
+  done
+  if [ ${#found[@]} -gt 0 ]; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "${found[@]}"
+  fi
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download the small wheels that a GPU machine's Python may lack, for `launch/gpu-check.sh --wheels DIR`
 # on a machine without network: tyro (sdfm's CLI) and its dependencies, pykeops + keopscore, POT,
-# GeomLoss and pytest-timeout. Pure-Python or manylinux x86_64 wheels for CPython 3.12 by default.
+# GeomLoss, flash-sinkhorn and pytest-timeout. Pure-Python or manylinux x86_64 wheels for CPython 3.12 by default.
 #
 #   launch/gpu-wheels.sh DIR [PYTHON_VERSION]
 #
@@ -14,7 +14,8 @@ version="${2:-3.12}"
 mkdir -p "$dir"
 packages=(
   "tyro==1.0.17" "docstring-parser==0.18.0" "typeguard==4.6.1" "typing-extensions==4.16.0"
-  "pykeops==2.3" "keopscore==2.3" "pot==0.9.7.post1" "geomloss==0.3.1" "pytest-timeout==2.4.0"
+  "pykeops==2.3" "keopscore==2.3" "pot==0.9.7.post1" "geomloss==0.3.1" "flash-sinkhorn==0.4.1"
+  "pytest-timeout==2.4.0"
 )
 platforms=()
 for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do

@@ -61,3 +61,22 @@ def test_presets_load():
     assert presets
     for p in presets:
         C.load_config(p)
+
+
+def test_readme_configuration_table_lists_every_field():
+    """The README's table of config sections names every field of every section (docs stay in step)."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from sdfm.config import Config
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.*) \|$", readme, flags=re.M))
+    for section in dataclasses.fields(Config):
+        assert section.name in rows, f"README configuration table has no row for [{section.name}]"
+        named = set(re.findall(r"`(\w+)`", rows[section.name]))
+        fields = {f.name for f in dataclasses.fields(getattr(Config(), section.name))}
+        assert fields <= named, (
+            f"[{section.name}] fields missing from the README table: {sorted(fields - named)}"
+        )
