@@ -26,7 +26,9 @@ from sdfm.ot import SinkhornOptions, sample_rows, sinkhorn  # noqa: E402
 from sdfm.semidiscrete.index import MatchIndex, reference_argmax  # noqa: E402
 
 # On a GPU every kernel test is also a CUDA test (the compiled kernels): `pytest -m gpu` runs them.
-pytestmark = [pytest.mark.usefixtures("one_thread")] + ([pytest.mark.gpu] if torch.cuda.is_available() else [])
+pytestmark = [pytest.mark.usefixtures("one_thread")] + (
+    [pytest.mark.gpu] if torch.cuda.is_available() else []
+)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

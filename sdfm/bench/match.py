@@ -410,4 +410,3 @@ def _method_rows(
             f"{b / seconds:>10.0f} {1e3 * refresh:>10.2f} {util:>4.1f} {f64:>6} {agree:>6} {fallback:>8}"
         )
     return fits
-

@@ -151,7 +151,9 @@ def _rank_fit(rank: int, world: int, method: str, keys: Tensor, args: PotentialB
     return _run_sdfm(method, keys, args, GroupCollectives(None, "cpu"))
 
 
-def _fit(method: str, ranks: int, keys: Tensor, args: PotentialBench) -> tuple[list[dict], list[Tensor], dict]:
+def _fit(
+    method: str, ranks: int, keys: Tensor, args: PotentialBench
+) -> tuple[list[dict], list[Tensor], dict]:
     if method == "pot":
         return pot_semidiscrete(
             keys, epsilon=args.epsilon, batch_size=args.batch_size, seed=args.seed, budget=args.budget
