@@ -54,6 +54,8 @@ class TrainCommand:
     """Continue the run in --run-dir from its newest complete checkpoint."""
     overwrite: bool = False
     """Delete the run in --run-dir and start over."""
+    init_from: Path | None = None
+    """A trained run whose EMA weights this run starts from (OAT fine-tuning, method.kind = 'oat')."""
     cfg: ConfigFlags = field(default_factory=Config)
 
     def run(self) -> None:
@@ -62,7 +64,13 @@ class TrainCommand:
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them")
         run_dir = self.run_dir or Path("runs") / (self.config.stem if self.config else "default")
-        run_training(config_mod.validate(self.cfg), run_dir, resume=self.resume, overwrite=self.overwrite)
+        run_training(
+            config_mod.validate(self.cfg),
+            run_dir,
+            resume=self.resume,
+            overwrite=self.overwrite,
+            init_from=self.init_from,
+        )
 
 
 @dataclass(kw_only=True)
@@ -133,8 +141,9 @@ class SampleCommand:
     """Number of samples."""
     nfe: int = 8
     """Function evaluations for the fixed-step solvers (ignored by dopri5)."""
-    solver: Literal["euler", "midpoint", "heun", "rk4", "dopri5"] = "euler"
-    """ODE solver."""
+    solver: Literal["auto", "euler", "midpoint", "heun", "rk4", "dopri5", "meanflow"] = "auto"
+    """ODE solver, or 'meanflow' (the k-step map of a mean-flow run, k = --nfe); 'auto': meanflow for a
+    mean-flow run, else euler."""
     seed: int = 0
     """Seed of the noise (and of the labels of a conditional model)."""
     label: int = -1

@@ -21,7 +21,7 @@ import tomllib
 from sdfm.errors import UserError
 
 DataName = Literal["8gaussians", "moons", "checkerboard", "circles", "digits", "fashion-mnist", "file"]
-SourceName = Literal["normal", "moons", "8gaussians"]
+SourceName = Literal["normal", "moons", "8gaussians", "file"]
 CouplingKind = Literal["independent", "exact", "sinkhorn", "semidiscrete"]
 SolverName = Literal["euler", "midpoint", "heun", "rk4", "dopri5"]
 
@@ -35,7 +35,10 @@ class DataConfig:
     path: str = ""
     """For name='file': a .npy/.npz/.safetensors array of shape (N, ...) or a folder of images."""
     source: SourceName = "normal"
-    """Source distribution x0 ~ p0: standard normal, or a 2-D set (moons, 8gaussians) for 2-D data."""
+    """Source distribution x0 ~ p0: standard normal, a 2-D set (moons, 8gaussians) for 2-D data, or
+    'file': the points of data.source_path, sampled with replacement (data-to-data flows)."""
+    source_path: str = ""
+    """For source='file': a .npy/.npz/.safetensors array of source points of the data's point shape."""
     num_points: int = 20000
     """Number of training points generated for synthetic sets (ignored for real data)."""
     num_eval: int = 2000
@@ -178,6 +181,52 @@ class PotentialConfig:
 
 
 @dataclass(kw_only=True)
+class MethodConfig:
+    """The training method on top of the coupling: the path between a pair and the objective
+    (docs/methods.md)."""
+
+    kind: Literal["fm", "meanflow", "oat"] = "fm"
+    """'fm': flow matching (regress the path's velocity); 'meanflow': a mean-flow model u(x, s, t) of
+    the average velocity over [s, t], sampled in 1..k steps (needs model.horizon_input); 'oat': OAT-FM
+    fine-tuning of a trained run (sdfm train --init-from RUN)."""
+    path: Literal["linear", "hermite", "learned"] = "linear"
+    """Path between x0 and x1: straight, the cubic Hermite curve of OAT-FM (method.kind = 'oat'), or
+    learned monotone schedules a(t) x0 + b(t) x1 fitted before training to straighten the flow."""
+    mf_ratio: float = 0.75
+    """Mean flow: share of rows with s < t (the others train flow matching, s = t)."""
+    mf_logit_mean: float = -0.4
+    """Mean flow: mean of the logit-normal time draws."""
+    mf_logit_std: float = 1.0
+    """Mean flow: standard deviation of the logit-normal time draws."""
+    mf_power: float = 1.0
+    """Mean flow: power p of the adaptive weight 1 / (|err|^2 + c)^p (0: plain squared error)."""
+    mf_c: float = 1e-3
+    """Mean flow: the constant c of the adaptive weight."""
+    oat_alpha: float = 12 / 13
+    """OAT: weight of the position term in the acceleration cost, in (0, 1) (12/13: the exact
+    least-acceleration cost)."""
+    oat_target_every: int = 500
+    """OAT: refresh the target copy by a hard copy every this many steps (0: an EMA every step)."""
+    oat_target_ema: float = 0.9999
+    """OAT: EMA decay of the target copy when oat_target_every = 0."""
+    oat_accel: float = 0.0
+    """OAT: weight of the acceleration penalty |dv/dt along the flow|^2 (0: off; one process only)."""
+    schedule_degree: int = 8
+    """Learned path: Bernstein degree of a(t) and b(t)."""
+    schedule_per_dim: bool = False
+    """Learned path: one pair of schedules per coordinate (else one for all)."""
+    schedule_steps: int = 150
+    """Learned path: Adam steps of the schedule fit before training."""
+    schedule_lr: float = 0.05
+    """Learned path: learning rate of the schedule fit."""
+    schedule_batch: int = 128
+    """Learned path: (t, x) draws per step of the schedule fit."""
+    schedule_topk: int = 0
+    """Learned path: restrict the closed-form field's softmax to the k best points of the matching
+    index (0: all points; needed above 20,000 points)."""
+
+
+@dataclass(kw_only=True)
 class OptimConfig:
     """Adam optimizer and learning-rate schedule."""
 
@@ -260,6 +309,8 @@ class Config:
     """Coupling."""
     potential: PotentialConfig = field(default_factory=PotentialConfig)
     """Semidiscrete potential (used when coupling.kind = 'semidiscrete')."""
+    method: MethodConfig = field(default_factory=MethodConfig)
+    """Training method: path and objective."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -350,6 +401,35 @@ def validate(cfg: Config) -> Config:
     need(c.data.num_eval >= 2, "data.num_eval", c.data.num_eval, ">= 2")
     need(c.data.max_points >= 0, "data.max_points", c.data.max_points, ">= 0")
     need(c.data.name != "file" or bool(c.data.path), "data.path", c.data.path, "set when data.name = 'file'")
+    need(
+        c.data.source != "file" or bool(c.data.source_path),
+        "data.source_path",
+        c.data.source_path,
+        "set when data.source = 'file'",
+    )
+    me = c.method
+    need(0 <= me.mf_ratio <= 1, "method.mf_ratio", me.mf_ratio, "in [0, 1]")
+    need(me.mf_logit_std > 0, "method.mf_logit_std", me.mf_logit_std, "> 0")
+    need(me.mf_power >= 0, "method.mf_power", me.mf_power, ">= 0")
+    need(me.mf_c > 0, "method.mf_c", me.mf_c, "> 0")
+    need(0 < me.oat_alpha < 1, "method.oat_alpha", me.oat_alpha, "in (0, 1), e.g. 12/13 = 0.923")
+    need(me.oat_target_every >= 0, "method.oat_target_every", me.oat_target_every, ">= 0")
+    need(0 <= me.oat_target_ema < 1, "method.oat_target_ema", me.oat_target_ema, "in [0, 1)")
+    need(me.oat_accel >= 0, "method.oat_accel", me.oat_accel, ">= 0")
+    need(me.schedule_degree >= 1, "method.schedule_degree", me.schedule_degree, ">= 1")
+    need(me.schedule_steps >= 0, "method.schedule_steps", me.schedule_steps, ">= 0")
+    need(me.schedule_lr > 0, "method.schedule_lr", me.schedule_lr, "> 0")
+    need(me.schedule_batch >= 2, "method.schedule_batch", me.schedule_batch, ">= 2")
+    need(me.schedule_topk >= 0, "method.schedule_topk", me.schedule_topk, ">= 0")
+    if me.kind == "meanflow" and not c.model.horizon_input:
+        raise UserError("method.kind = 'meanflow' needs a second time input; set model.horizon_input = True")
+    if me.path == "hermite" and me.kind != "oat":
+        raise UserError(
+            "method.path = 'hermite' needs the endpoint velocities of OAT fine-tuning; use "
+            "method.kind = 'oat' or method.path = 'linear'"
+        )
+    if me.kind != "fm" and me.path == "learned":
+        raise UserError("method.path = 'learned' trains flow matching only; use method.kind = 'fm'")
     need(c.eval.num_samples >= 2, "eval.num_samples", c.eval.num_samples, ">= 2")
     need(all(k >= 1 for k in c.eval.nfe), "eval.nfe", c.eval.nfe, "a list of positive integers")
     return cfg

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from sdfm import config as config_mod
 from sdfm.checkpoint import CheckpointManager, write_atomic
 from sdfm.config import Config
-from sdfm.data import Dataset, load_dataset, sample_source
+from sdfm.data import Dataset, load_dataset
 from sdfm.errors import UserError
 from sdfm.models import build_model
 from sdfm.monitor import info
@@ -95,7 +95,14 @@ def generate(
     atol=1e-4,
     trajectory=False,
 ) -> SampleResult:
-    """Integrate the model from noise x0 (B, *shape) to t = 1."""
+    """Integrate the model from noise x0 (B, *shape) to t = 1; ``method = 'meanflow'``: the k-step map
+    of a mean-flow model (k = ``nfe``)."""
+    if method == "meanflow":
+        from sdfm.methods.meanflow import as_meanflow, meanflow_sample
+
+        x, traj = meanflow_sample(as_meanflow(model, labels), x0, nfe, return_trajectory=trajectory)
+        grid = torch.linspace(0.0, 1.0, nfe + 1) if trajectory else None
+        return SampleResult(x=x, nfe=nfe, trajectory=traj, times=grid)
     return sample(
         velocity_of(model, labels),
         x0,
@@ -111,7 +118,7 @@ def eval_noise(cfg: Config, data: Dataset, n: int) -> tuple[Tensor, Tensor | Non
     """The fixed evaluation noise (n, *shape) and, for a conditional model, labels following the
     held-out class frequencies."""
     gen = torch.Generator().manual_seed(cfg.eval.seed)
-    x0 = sample_source(cfg.data.source, n, data.shape, gen)
+    x0 = data.source.draw(n, data.shape, gen)
     labels = None
     if cfg.data.conditional:
         pick = torch.randint(0, len(data.labels_eval), (n,), generator=gen)
@@ -162,7 +169,10 @@ def evaluate(run: LoadedRun, *, num_samples: int, nfe: list[int], dopri5: bool, 
     )
     x0, labels = eval_noise(cfg, data, num_samples)
     rows = []
-    settings = [("euler", k) for k in nfe] + ([("dopri5", 0)] if dopri5 else [])
+    # A mean-flow model's budgets are its k-step maps; dopri5 integrates its instantaneous velocity
+    # u(x, t, t) = v(t, x) (the horizon input at 0), as do the path-energy statistics below.
+    fixed = "meanflow" if cfg.method.kind == "meanflow" else "euler"
+    settings = [(fixed, k) for k in nfe] + ([("dopri5", 0)] if dopri5 else [])
     final = None
     for method, k in settings:
         t0 = time.perf_counter()
@@ -342,7 +352,7 @@ def sample_to_file(args) -> Path:
         raise UserError(f"--num {args.num} must be >= 1")
     run = load_run(args.run_dir, ema=args.ema)
     gen = torch.Generator().manual_seed(args.seed)
-    x0 = sample_source(run.cfg.data.source, args.num, run.data.shape, gen)
+    x0 = run.data.source.draw(args.num, run.data.shape, gen)
     labels = None
     if run.cfg.data.conditional:
         if args.label >= run.data.num_classes:
@@ -354,6 +364,20 @@ def sample_to_file(args) -> Path:
             if args.label >= 0
             else torch.randint(0, run.data.num_classes, (args.num,), generator=gen)
         )
+    solver = args.solver
+    meanflow = run.cfg.method.kind == "meanflow"
+    if solver == "auto":
+        solver = "meanflow" if meanflow else "euler"
+    if meanflow and solver not in ("meanflow", "dopri5"):
+        raise UserError(
+            f"{args.run_dir} is a mean-flow run, which is sampled by its k-step map: use --solver meanflow "
+            f"(or dopri5 on its instantaneous velocity), not --solver {solver}"
+        )
+    if solver == "meanflow" and not meanflow:
+        raise UserError(
+            f"--solver meanflow needs a mean-flow run (method.kind = 'meanflow'); {args.run_dir} trained "
+            f"{run.cfg.method.kind!r}: use --solver euler, midpoint, heun, rk4 or dopri5"
+        )
     field = run.model
     if args.exact:
         exact = exact_velocity_of(run)
@@ -361,9 +385,9 @@ def sample_to_file(args) -> Path:
             raise UserError("--exact needs a semidiscrete run with potential.epsilon = 0 and no PCA")
         field = lambda t, x, lab: exact(t, x, lab)  # noqa: E731  (the model's call signature)
     try:
-        res = generate(field, x0, labels, args.solver, args.nfe)
+        res = generate(field, x0, labels, solver, args.nfe)
     except ValueError as e:
-        raise UserError(f"--nfe {args.nfe} does not fit --solver {args.solver}: {e}") from None
+        raise UserError(f"--nfe {args.nfe} does not fit --solver {solver}: {e}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, res.x.numpy())

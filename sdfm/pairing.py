@@ -55,7 +55,7 @@ class PairSource:
         stream: the global batches' index stream (only ``take`` moves it).
         coupling: this rank's coupling of the global batch.
         generator: step -> the coupling's generator of that step.
-        source: the source distribution's name (``data.source``); seed: ``train.seed``.
+        seed: ``train.seed`` (the noise comes from ``data.source``).
         rows: this rank's rows [lo, hi) of every global batch.
         conditional: whether pairs carry labels.
         device: where the step trains; a coupling that is not prefetchable pairs there.
@@ -69,7 +69,6 @@ class PairSource:
         coupling: Coupling,
         generator,
         *,
-        source: str,
         seed: int,
         rows: tuple[int, int],
         conditional: bool,
@@ -77,7 +76,7 @@ class PairSource:
         prefetch: bool,
     ):
         self.data, self.stream, self.coupling, self.generator = data, stream, coupling, generator
-        self.source, self.seed, self.rows, self.conditional = source, seed, rows, conditional
+        self.seed, self.rows, self.conditional = seed, rows, conditional
         self.on_cpu = getattr(coupling, "prefetchable", False)  # pairs on the CPU, then moved
         self.device = torch.device("cpu") if self.on_cpu else device
         self.prefetching = prefetch and self.on_cpu
@@ -90,7 +89,7 @@ class PairSource:
         lo, hi = self.rows
         x1 = self.data.x[idx].to(self.device)
         labels = self.data.labels[idx].to(self.device) if self.conditional else None
-        x0, t = draw_rows(self.source, self.data.shape, self.seed, step, lo, hi)
+        x0, t = draw_rows(self.data.source, self.data.shape, self.seed, step, lo, hi)
         start = time.perf_counter()
         pairs = self.coupling.pair(x0.to(self.device), x1, labels, self.generator(step))
         return StepPairs(pairs, t, 1000 * (time.perf_counter() - start))

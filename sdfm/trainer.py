@@ -17,23 +17,26 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import signal
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from sdfm import amp
 from sdfm import config as config_mod
 from sdfm.checkpoint import CheckpointManager
 from sdfm.config import Config
 from sdfm.couplings import check_coupling_config
+from sdfm.couplings.base import Pairs
 from sdfm.data import Dataset, DataStream, load_dataset
-from sdfm.data.noise import step_generator
+from sdfm.data.noise import row_normals, step_generator
 from sdfm.distributed.couplings import rank_coupling
 from sdfm.distributed.env import DistEnv, ProcessGroup, detect, device_for, potential_device
 from sdfm.errors import AgreedError, UserError
+from sdfm.methods import Method
+from sdfm.methods.oat import TargetModel
 from sdfm.models import EMA, build_model
 from sdfm.monitor import Monitor, info, set_main_process
 from sdfm.pairing import PairSource
@@ -78,10 +81,17 @@ class Trainer:
         run_dir: the run folder (created by ``prepare_run_dir``).
         dataset: the loaded dataset (loaded from ``cfg.data`` when None).
         pg: the job's process group (``sdfm.distributed.env.ProcessGroup``); None for a single process.
+        init_from: a trained run whose EMA weights start this one (OAT fine-tuning); a resume
+            replaces them with the checkpoint's.
     """
 
     def __init__(
-        self, cfg: Config, run_dir: Path, dataset: Dataset | None = None, pg: ProcessGroup | None = None
+        self,
+        cfg: Config,
+        run_dir: Path,
+        dataset: Dataset | None = None,
+        pg: ProcessGroup | None = None,
+        init_from: Path | None = None,
     ):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.pg = pg if pg is not None else ProcessGroup(DistEnv(), torch.device("cpu"))
@@ -105,7 +115,10 @@ class Trainer:
         self.model = build_model(
             cfg.model, self.data.shape, self.data.num_classes if self.conditional else 0
         ).to(self.device)
+        if init_from is not None:
+            load_init_weights(self.model, Path(init_from), cfg, self.data)
         self.ema = EMA(self.model, cfg.model.ema_decay)
+        self.method = self._build_method()
         # DDP broadcasts rank 0's initial weights and averages gradients in backward.
         self.ddp = (
             torch.nn.parallel.DistributedDataParallel(
@@ -121,8 +134,9 @@ class Trainer:
             self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        # The coupling of the global batch, in its data-parallel form when there are several ranks.
-        self.coupling = rank_coupling(cfg, self.data, self.pg, self.device, warn=info)
+        # The coupling of the global batch, in its data-parallel form when there are several ranks
+        # (OAT: of the lifted (position, velocity) states).
+        self.coupling = self._build_coupling()
         self.worker = None  # the dual-potential worker subprocess, when rank 0 started one
         self.stream = DataStream(len(self.data), cfg.train.batch_size, cfg.train.seed)  # global batches
         lo = self.rank * self.local_batch
@@ -131,7 +145,6 @@ class Trainer:
             self.stream,
             self.coupling,
             self.generator,
-            source=cfg.data.source,
             seed=cfg.train.seed,
             rows=(lo, lo + self.local_batch),
             conditional=self.conditional,
@@ -141,6 +154,91 @@ class Trainer:
         self.step = 0
         self.stop_requested = False  # set by SIGTERM; acted on at the next step boundary
         self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last, warn=info)
+
+    def _build_method(self) -> Method:
+        """The [method] section's path and objective, with its fitted schedule or OAT target copy."""
+        cfg = self.cfg
+        schedule = self._learned_schedule() if cfg.method.path == "learned" else None
+        target = None
+        if cfg.method.kind == "oat":
+            target = TargetModel(self.model, cfg.method.oat_target_every, cfg.method.oat_target_ema)
+        return Method(cfg.method, schedule=schedule, target=target)
+
+    def _learned_schedule(self):
+        """The learned path's schedule: fitted on rank 0 at the first start and kept in the run folder
+        (``schedule.safetensors``), loaded at later starts; every rank gets rank 0's."""
+        from safetensors.torch import load_file, save_file
+
+        from sdfm.methods.schedule import MonotoneSchedule, fit_schedule
+
+        m = self.cfg.method
+        dim = math.prod(self.data.shape) if m.schedule_per_dim else 1
+        schedule = MonotoneSchedule(m.schedule_degree, dim)
+        path = self.run_dir / "schedule.safetensors"
+        state = None
+        if self.pg.env.is_main:
+            if path.exists():
+                state = load_file(path)
+                info(f"learned path: schedule from {path}")
+            else:
+                info(f"learned path: fitting the schedule ({m.schedule_steps} steps)")
+                fit = fit_schedule(
+                    self.data.x, degree=m.schedule_degree, per_dim=m.schedule_per_dim, steps=m.schedule_steps,
+                    batch=m.schedule_batch, lr=m.schedule_lr, topk=m.schedule_topk, seed=self.cfg.train.seed,
+                    log=info,
+                )  # fmt: skip
+                state = fit.schedule.state_dict()
+                meta = {"straightness_before": f"{fit.before:.6g}", "straightness_after": f"{fit.after:.6g}"}
+                tmp = path.with_suffix(".tmp")
+                save_file(state, tmp, metadata=meta)
+                os.replace(tmp, path)
+                info(
+                    f"learned path: straightness {fit.before:.4g} (linear) -> {fit.after:.4g} in {fit.seconds:.0f} s"
+                )
+        schedule.load_state_dict(self.pg.broadcast_object(state))
+        return schedule
+
+    def _build_coupling(self):
+        cfg = self.cfg
+        if cfg.method.kind != "oat":
+            return rank_coupling(cfg, self.data, self.pg, self.device, warn=info)
+        from sdfm.methods.oat import AccelerationCoupling
+
+        if cfg.coupling.kind != "semidiscrete":
+            inner = rank_coupling(cfg, self.data, self.pg, self.device, warn=info)
+            return AccelerationCoupling(inner, self.method.target, cfg.method.oat_alpha)
+        return self._semidiscrete_acceleration()
+
+    def _semidiscrete_acceleration(self):
+        """The semidiscrete OAT coupling: the lifted dataset's own index and potential, refitted in
+        this process after every target refresh."""
+        from sdfm.couplings.semidiscrete import SemidiscreteCoupling
+        from sdfm.methods.oat import SemidiscreteAcceleration
+        from sdfm.semidiscrete import fit_potential
+        from sdfm.semidiscrete.fit import fit_setup
+
+        cfg, data = self.cfg, self.data
+        setup = fit_setup(cfg, data)
+        device = potential_device(self.pg.env, cfg)
+
+        def build(lifted):
+            return SemidiscreteCoupling(
+                lifted, None, cfg.potential, data.fingerprint, warn=info, device=device
+            )
+
+        def fit(lifted, source):
+            result = fit_potential(
+                lifted, setup.options, setup.budget, sample_source=source, device=device, log=None
+            )
+            info(f"oat: lifted potential fitted in {result.steps} steps, chi2 {result.chi2:.4g}")
+            return result.g, result.chi2
+
+        def source(n, generator):
+            return data.source.draw(n, data.shape, generator).to(self.device)
+
+        return SemidiscreteAcceleration(
+            data.x.to(self.device), self.method.target, cfg.method.oat_alpha, build, fit, source
+        )
 
     @property
     def potential(self) -> torch.Tensor | None:
@@ -160,13 +258,14 @@ class Trainer:
         """One optimizer step; returns its metrics."""
         cfg, dev = self.cfg, self.device
         step = self.pairing.take(self.step)  # this rank's rows of the global batch, paired
-        pairs, t = step.pairs, step.t.to(dev)
-        x0, x1 = pairs.x0.to(dev), pairs.x1.to(dev)
-        tb = t.view(-1, *[1] * (x0.dim() - 1))
-        xt = (1 - tb) * x0 + tb * x1
+        pairs, t = to_device(step.pairs, dev), step.t.to(dev)
+        lo = self.rank * self.local_batch
+
+        def draws(key: str, width: int) -> torch.Tensor:  # per-row draws of the method (mean-flow times)
+            return row_normals(cfg.train.seed, self.step, lo, lo + self.local_batch, key, width)
+
         with amp.autocast(self.precision, dev):
-            pred = self.forward(t, xt, None if pairs.labels is None else pairs.labels.to(dev))
-            loss = F.mse_loss(pred.float(), x1 - x0)
+            loss, method_metrics = self.method.loss(self.forward, self.model, pairs, t, draws)
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # the scaler passes everything through unless fp16
@@ -179,6 +278,7 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.ema.update(self.model, step=self.step)
+        self.method.after_step(self.model, self.step)
         if self.world > 1:  # log the global mean loss, not rank 0's share
             loss = loss.detach().clone()
             torch.distributed.all_reduce(loss)  # gloo has no AVG
@@ -189,6 +289,7 @@ class Trainer:
             "lr": lr,
             "coupling_ms": step.coupling_ms,
             "coupling_wait_ms": step.wait_ms,
+            **method_metrics,
             **self.coupling.stats(),
         }
 
@@ -246,8 +347,8 @@ class Trainer:
         """Give the semidiscrete coupling its potential: restored from the checkpoint (resumed), fitted
         now, read from a file, or published by the worker (started here when configured so). In a
         data-parallel job rank 0 does this, and the coupling's ``poll`` shares the result."""
-        if self.cfg.coupling.kind != "semidiscrete":
-            return
+        if self.cfg.coupling.kind != "semidiscrete" or self.cfg.method.kind == "oat":
+            return  # (OAT fits the lifted problem's potential itself, at every target refresh)
         from sdfm.semidiscrete import fit_and_save, load_potential
         from sdfm.worker import WorkerProcess, wait_for_version
 
@@ -309,6 +410,7 @@ class Trainer:
                 "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(),
                 "coupling": self.coupling.state_dict(),
+                "method": self.method.state_dict(),
             },
             objects={
                 "optimizer": self.optimizer.state_dict(),
@@ -349,6 +451,8 @@ class Trainer:
         self.model.load_state_dict(ckpt.tensors("model"))
         self.ema.load_state_dict(ckpt.tensors("ema"))
         self.coupling.load_state_dict(ckpt.tensors("coupling"))
+        if ckpt.has("method.safetensors"):
+            self.method.load_state_dict(ckpt.tensors("method"))
         self.optimizer.load_state_dict(ckpt.object("optimizer"))
         self.scheduler.load_state_dict(ckpt.object("scheduler"))
         if self.scaler.is_enabled() and ckpt.has("scaler.pt"):  # fp16: the loss scale carries over
@@ -366,17 +470,110 @@ class Trainer:
         return True
 
 
-def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite: bool = False) -> Trainer:
+LEARNED_EXACT_MAX = 20_000
+"""Most points whose closed-form field a learned path's fit computes exactly (without top-k)."""
+
+
+def check_method(cfg: Config, *, world: int, init_from: Path | None, resume: bool) -> None:
+    """Raise UserError (one line naming the key and the fix) for [method] settings this launch cannot
+    run, before anything is loaded or written."""
+    m = cfg.method
+    if m.kind == "oat" and init_from is None and not resume:
+        raise UserError(
+            "method.kind = 'oat' fine-tunes a trained run; pass --init-from RUN (a run trained on the same "
+            "data with the same [model])"
+        )
+    if init_from is not None and m.kind != "oat":
+        raise UserError(f"--init-from starts OAT fine-tuning; set method.kind = 'oat' (it is {m.kind!r})")
+    if m.kind == "oat" and cfg.coupling.kind == "semidiscrete":
+        if world > 1:
+            raise UserError(
+                "method.kind = 'oat' with coupling.kind = 'semidiscrete' refits the lifted potential in one "
+                "process; run it without torchrun, or use coupling.kind = 'exact' or 'sinkhorn'"
+            )
+        if cfg.data.conditional:
+            raise UserError(
+                "method.kind = 'oat' with coupling.kind = 'semidiscrete' is unconditional only; set "
+                "data.conditional = False or use coupling.kind = 'exact'"
+            )
+        if m.oat_target_every == 0:
+            raise UserError(
+                "method.kind = 'oat' with coupling.kind = 'semidiscrete' refits at every target refresh, so an "
+                "EMA target (method.oat_target_every = 0) would refit every step; set method.oat_target_every"
+            )
+    if m.kind == "oat" and m.oat_accel > 0 and world > 1:
+        raise UserError(
+            "method.oat_accel > 0 differentiates through a JVP of the bare model, which DDP does not "
+            "synchronize; use one process or method.oat_accel = 0"
+        )
+
+
+def to_device(pairs: Pairs, device: torch.device) -> Pairs:
+    """``pairs`` with every tensor on ``device``."""
+
+    def move(x):
+        return None if x is None else x.to(device)
+
+    return Pairs(
+        move(pairs.x0), move(pairs.x1), move(pairs.labels), pairs.index, move(pairs.v0), move(pairs.v1)
+    )
+
+
+def load_init_weights(model: torch.nn.Module, run: Path, cfg: Config, data: Dataset) -> None:
+    """Start ``model`` from the EMA weights of the newest complete checkpoint of the trained run
+    ``run`` (``--init-from``), after checking that it was trained on the same data and that its
+    weights fit the configured model.
+
+    Raises:
+        UserError: no checkpoint there, other data (fingerprint), or another model shape.
+    """
+    ckpt = CheckpointManager(run, keep_last=1, warn=info).load_latest()
+    if ckpt is None:
+        raise UserError(f"--init-from {run} holds no complete checkpoint; point it at a trained run folder")
+    if ckpt.state.get("fingerprint") != data.fingerprint:
+        raise UserError(
+            f"--init-from {run} was trained on data with fingerprint {ckpt.state.get('fingerprint')}, but the "
+            f"configured data has {data.fingerprint}; fine-tune with the run's own [data] settings"
+        )
+    weights = ckpt.tensors("ema")
+    own = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    mine = {k: tuple(v.shape) for k, v in own.items()}
+    if shapes != mine:
+        diff = sorted(set(shapes) ^ set(mine)) or [k for k in mine if shapes.get(k) != mine[k]]
+        raise UserError(
+            f"--init-from {run} has another model shape than the configured one (first difference: {diff[0]}); "
+            f"fine-tune with the run's own [model] settings (its config.toml)"
+        )
+    model.load_state_dict(weights)
+    info(f"init: model weights from the EMA of {ckpt.path} (step {ckpt.step})")
+
+
+def run_training(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    init_from: Path | None = None,
+) -> Trainer:
     """Set up the run folder and train (the body of ``sdfm train``), as one process or as this rank of
-    a torchrun / accelerate job."""
+    a torchrun / accelerate job. ``init_from``: a trained run to fine-tune (OAT)."""
     config_mod.validate(cfg)
     check_coupling_config(cfg.coupling)
     env = detect()
     set_main_process(env.is_main)
+    check_method(cfg, world=env.world_size, init_from=init_from, resume=resume)
     if cfg.coupling.kind == "semidiscrete":  # the potential's device and index, before any file
         precision = "fp32" if cfg.potential.precision == "auto" else cfg.potential.precision
         check_precision(cfg.potential.index, precision, potential_device(env, cfg))
     dataset = load_dataset(cfg.data)  # fail on bad data before touching the run folder
+    if cfg.method.path == "learned" and len(dataset) > LEARNED_EXACT_MAX and not cfg.method.schedule_topk:
+        raise UserError(
+            f"method.path = 'learned' needs the closed-form field over all {len(dataset)} points at every "
+            f"step of its fit (more than {LEARNED_EXACT_MAX}); set method.schedule_topk (e.g. 256) to use the "
+            "matching index's top-k"
+        )
     pg = ProcessGroup(
         env, device_for(env, cfg.train.device), cfg.train.dist_backend, cfg.train.dist_timeout_s
     )
@@ -393,7 +590,7 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite:
         error = pg.broadcast_object(error)
         if error is not None:
             raise AgreedError(error)
-        trainer = Trainer(cfg, run_dir, dataset=dataset, pg=pg)
+        trainer = Trainer(cfg, run_dir, dataset=dataset, pg=pg, init_from=None if resume else init_from)
         resumed = resume and trainer.resume()
         if resume and not resumed:
             info(f"no checkpoint in {run_dir} yet; starting from step 0")

@@ -19,6 +19,7 @@ LAYERS = [
     ("sdfm.kernels", "sdfm.data", "sdfm.models", "sdfm.metrics", "sdfm.checkpoint", "sdfm.rundir"),
     ("sdfm.ot",),
     ("sdfm.couplings", "sdfm.semidiscrete"),
+    ("sdfm.methods",),
     ("sdfm.distributed",),
     ("sdfm.pairing",),
     ("sdfm.trainer", "sdfm.worker", "sdfm.evaluate"),
@@ -26,7 +27,9 @@ LAYERS = [
 ]
 """From the bottom up; a module may import its own layer or lower ones (longest prefix decides)."""
 
-LIBRARY = ("sdfm.ot", "sdfm.couplings", "sdfm.semidiscrete", "sdfm.data", "sdfm.models", "sdfm.metrics")
+LIBRARY = (
+    "sdfm.ot", "sdfm.couplings", "sdfm.semidiscrete", "sdfm.methods", "sdfm.data", "sdfm.models", "sdfm.metrics",
+)  # fmt: skip
 """Single-device code: never imports torch.distributed."""
 
 

@@ -205,8 +205,18 @@ def _assert_clean_error(r, *needles):
             ["error: coupling.precision = 'bf16' cannot be computed by coupling.backend = 'keops'"],
         ),
         (
-            ["--coupling.kind", "semidiscrete", "--potential.index", "faiss", "--potential.precision", "bf16"],
-            ["error: potential.index = 'faiss' on the CPU matches in fp32 only", "potential.precision = 'fp32'"],
+            [
+                "--coupling.kind",
+                "semidiscrete",
+                "--potential.index",
+                "faiss",
+                "--potential.precision",
+                "bf16",
+            ],
+            [
+                "error: potential.index = 'faiss' on the CPU matches in fp32 only",
+                "potential.precision = 'fp32'",
+            ],
         ),
         pytest.param(
             ["--coupling.kind", "semidiscrete", "--potential.device", "cuda"],

@@ -1,17 +1,27 @@
-"""``sdfm bench quality``: the same model, steps and seeds trained with each coupling, then sample
-quality against held-out data at each Euler budget (and dopri5): W2 for the 2-D tasks, the classifier
-Fréchet distance (FD) for images, plus the normalized path energy (NPE).
+"""``sdfm bench quality``: the same model, steps and seeds trained with each coupling and method, then
+sample quality against held-out data at each Euler budget (and dopri5): W2 for the 2-D tasks, the
+classifier Fréchet distance (FD) for images, plus the normalized path energy (NPE).
+
+Cells are task × coupling × method × path. ``--methods fm meanflow`` adds mean-flow rows (their
+"Euler NFE k" columns are the k-step mean-flow maps); ``--paths linear learned`` adds learned-path
+rows with the straightness objective of the schedule before and after its fit; ``--finetune-steps K``
+adds, for every flow-matching cell, the OAT-FM fine-tune of its model for K steps beside the honest
+control: the same model trained K more steps by its own method (a resumed copy of the run).
 
 Usage:
   sdfm bench quality                                   # 2-D: 8gaussians, moons, moons->8gaussians
   sdfm bench quality --tasks digits digits-cond --couplings independent exact semidiscrete --dopri5
-  sdfm bench quality --tasks fashion-mnist fashion-mnist-cond --couplings independent exact semidiscrete --dopri5
+  sdfm bench quality --methods fm meanflow --couplings independent exact semidiscrete --dopri5
+  sdfm bench quality --couplings independent exact --finetune-steps 1000 --dopri5
+  sdfm bench quality --couplings independent exact --paths linear learned
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +48,22 @@ TASKS = {
 
 
 def task_config(
-    task: str, coupling: str, steps: int, seed: int, batch_size: int, potential_seconds: float = 300.0
+    task: str,
+    coupling: str,
+    steps: int,
+    seed: int,
+    batch_size: int,
+    potential_seconds: float = 300.0,
+    method: str = "fm",
+    path: str = "linear",
 ) -> Config:
-    """The shared config of one (task, coupling) cell: only coupling.kind differs within a task."""
+    """The shared config of one (task, coupling, method, path) cell: only those keys (and the model's
+    horizon input, which a mean flow needs) differ within a task."""
     cfg = Config()
     cfg.data.name, cfg.data.source, cfg.data.conditional = TASKS[task]
     cfg.coupling.kind = coupling
+    cfg.method.kind, cfg.method.path = method, path
+    cfg.model.horizon_input = method == "meanflow"
     cfg.train.steps, cfg.train.seed, cfg.train.batch_size = steps, seed, batch_size
     cfg.train.log_every, cfg.train.ckpt_every = max(1, steps // 4), steps
     cfg.train.eval_at_end = False
@@ -84,6 +104,13 @@ class QualityBench:
         default_factory=lambda: ["independent", "exact", "sinkhorn"]
     )
     """Couplings trained on every task."""
+    methods: list[Literal["fm", "meanflow"]] = field(default_factory=lambda: ["fm"])
+    """Training objectives of every (task, coupling): flow matching, mean flow."""
+    paths: list[Literal["linear", "learned"]] = field(default_factory=lambda: ["linear"])
+    """Interpolation paths of the flow-matching cells: linear, learned (its schedule fitted first)."""
+    finetune_steps: int = 0
+    """> 0: for every linear flow-matching cell, also OAT-FM fine-tune its model for this many steps,
+    beside the same model trained this many more steps by flow matching (the control)."""
     nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     """Euler budgets evaluated."""
     dopri5: bool = False
@@ -100,56 +127,149 @@ class QualityBench:
         return _main(self)
 
 
-def _main(a: QualityBench) -> int:
-    nfe = a.nfe
-    rows = []
+def _cells(a: QualityBench):
+    """(task, coupling, method, path) of every trained-from-scratch cell, in table order."""
     for task in a.tasks:
         for coupling in a.couplings:
-            cfg = task_config(task, coupling, a.steps, a.seed, a.batch_size, a.potential_seconds)
-            run_dir = a.out / f"{task}-{coupling}"
-            prepare_run_dir(run_dir, cfg, resume=False, overwrite=True)
-            t0 = time.perf_counter()
-            trainer = Trainer(cfg, run_dir)
-            trainer.start_potential(resumed=False)
-            trainer.train()
-            train_s = time.perf_counter() - t0
-            run = LoadedRun(
-                cfg=cfg,
-                data=trainer.data,
-                model=trainer.ema.module.eval(),
-                step=trainer.step,
-                run_dir=run_dir,
-                potential=trainer.potential,
+            for method in a.methods:
+                for path in a.paths if method == "fm" else ["linear"]:
+                    yield task, coupling, method, path
+
+
+def _train_cell(cfg: Config, run_dir: Path, *, init_from: Path | None = None, resume: bool = False):
+    """Train one cell in ``run_dir`` (a fresh run, an OAT fine-tune from ``init_from``, or a resumed
+    run trained on to ``cfg.train.steps``); returns (trainer, seconds)."""
+    prepare_run_dir(run_dir, cfg, resume=resume, overwrite=not resume)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, run_dir, init_from=init_from)
+    if resume:
+        trainer.resume()
+    if cfg.method.kind != "oat":
+        trainer.start_potential(resumed=resume)
+    trainer.train()
+    return trainer, time.perf_counter() - t0
+
+
+def _main(a: QualityBench) -> int:
+    if a.finetune_steps < 0:
+        from sdfm.errors import UserError
+
+        raise UserError(f"--finetune-steps must be >= 0, got {a.finetune_steps}")
+    rows = []
+    for task, coupling, method, path in _cells(a):
+        cfg = task_config(task, coupling, a.steps, a.seed, a.batch_size, a.potential_seconds, method, path)
+        run_dir = a.out / "-".join(
+            [task, coupling] + ([method] if method != "fm" else []) + ([path] if path != "linear" else [])
+        )
+        trainer, train_s = _train_cell(cfg, run_dir)
+        rows.append(
+            _evaluate_cell(
+                a,
+                trainer,
+                cfg,
+                run_dir,
+                train_s,
+                task,
+                coupling,
+                method if path == "linear" else "fm, learned path",
             )
-            res = evaluate(run, num_samples=cfg.eval.num_samples, nfe=nfe, dopri5=a.dopri5, log=info)
-            metric = "fd" if run.data.is_image else "w2"
-            row = {
-                "task": task,
-                "coupling": coupling,
-                "metric": metric,
-                "train_s": round(train_s, 1),
-                "npe": res["flow"]["npe"],
-            }
-            for r in res["rows"]:
-                key = (
-                    "dopri5"
-                    if r["solver"] == "dopri5"
-                    else ("exact" if r["solver"] == "exact-sd-flow" else f"nfe{r['nfe']}")
+        )
+        if a.finetune_steps and method == "fm" and path == "linear":
+            cont = validate(_with_steps(cfg, a.steps + a.finetune_steps))
+            cont_dir = run_dir.with_name(run_dir.name + "-continued")
+            shutil.rmtree(cont_dir, ignore_errors=True)
+            shutil.copytree(run_dir, cont_dir)
+            trainer, secs = _train_cell(cont, cont_dir, resume=True)
+            rows.append(
+                _evaluate_cell(
+                    a, trainer, cont, cont_dir, secs, task, coupling, f"fm +{a.finetune_steps} (control)"
                 )
-                row[key] = r.get(metric)
-                if r["solver"] == "dopri5":
-                    row["dopri5_nfe"] = r["nfe"]
-            if coupling == "semidiscrete":  # how well the semidiscrete potential was fitted
-                row["potential_chi2"] = trainer.coupling.chi2
-            if "exact_velocity_gap" in res["flow"]:
-                row["velocity_gap"] = res["flow"]["exact_velocity_gap"]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            )
+            oat = _with_steps(cfg, a.finetune_steps)
+            oat.method.kind, oat.method.path = "oat", "hermite"
+            oat.method.oat_target_every = min(oat.method.oat_target_every, max(1, a.finetune_steps // 4))
+            oat = validate(oat)
+            oat_dir = run_dir.with_name(run_dir.name + "-oat")
+            trainer, secs = _train_cell(oat, oat_dir, init_from=run_dir)
+            rows.append(
+                _evaluate_cell(a, trainer, oat, oat_dir, secs, task, coupling, f"oat +{a.finetune_steps}")
+            )
+    _print_table(a, rows)
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def _with_steps(cfg: Config, steps: int) -> Config:
+    out = copy.deepcopy(cfg)
+    out.train.steps = steps
+    out.train.log_every, out.train.ckpt_every = max(1, steps // 4), steps
+    return out
+
+
+def _evaluate_cell(
+    a: QualityBench,
+    trainer: Trainer,
+    cfg: Config,
+    run_dir: Path,
+    train_s: float,
+    task: str,
+    coupling: str,
+    method: str,
+) -> dict:
+    """One table row: the metric at each budget, NPE, and what the cell's method reports."""
+    nfe = a.nfe
+    run = LoadedRun(
+        cfg=cfg,
+        data=trainer.data,
+        model=trainer.ema.module.eval(),
+        step=trainer.step,
+        run_dir=run_dir,
+        potential=trainer.potential,
+    )
+    res = evaluate(run, num_samples=cfg.eval.num_samples, nfe=nfe, dopri5=a.dopri5, log=info)
+    metric = "fd" if run.data.is_image else "w2"
+    row = {
+        "task": task,
+        "coupling": coupling,
+        "method": method,
+        "metric": metric,
+        "train_s": round(train_s, 1),
+        "npe": res["flow"]["npe"],
+    }
+    for r in res["rows"]:
+        key = (
+            "dopri5"
+            if r["solver"] == "dopri5"
+            else ("exact" if r["solver"] == "exact-sd-flow" else f"nfe{r['nfe']}")
+        )
+        row[key] = r.get(metric)
+        if r["solver"] == "dopri5":
+            row["dopri5_nfe"] = r["nfe"]
+    chi2 = getattr(trainer.coupling, "chi2", None)
+    if coupling == "semidiscrete" and chi2 is not None:  # how well the semidiscrete potential was fitted
+        row["potential_chi2"] = chi2
+    if "exact_velocity_gap" in res["flow"]:
+        row["velocity_gap"] = res["flow"]["exact_velocity_gap"]
+    schedule = run_dir / "schedule.safetensors"
+    if cfg.method.path == "learned" and schedule.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(schedule), "pt") as f:
+            meta = f.metadata() or {}
+        row["straightness_linear"] = float(meta["straightness_before"])
+        row["straightness_learned"] = float(meta["straightness_after"])
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _print_table(a: QualityBench, rows: list[dict]) -> None:
+    nfe = a.nfe
     cols = [f"nfe{k}" for k in nfe] + (["dopri5"] if a.dopri5 else [])
     header = (
-        ["task", "coupling", "metric"]
+        ["task", "coupling", "method", "metric"]
         + [f"@{c[3:]}" if c.startswith("nfe") else c for c in cols]
-        + ["NPE", "potential chi2", "train s"]
+        + ["NPE", "potential chi2", "straightness linear -> learned", "train s"]
     )
     print(
         f"\n{a.steps} steps, batch {a.batch_size}, seed {a.seed}; {platform.machine()}, torch {torch.__version__}\n"
@@ -166,15 +286,16 @@ def _main(a: QualityBench) -> int:
                 [
                     r["task"],
                     r["coupling"],
+                    r["method"],
                     r["metric"],
                     *vals,
                     f"{r['npe']:.3f}",
                     f"{r['potential_chi2']:.3g}" if "potential_chi2" in r else "-",
+                    f"{r['straightness_linear']:.3g} -> {r['straightness_learned']:.3g}"
+                    if "straightness_learned" in r
+                    else "-",
                     f"{r['train_s']:.0f}",
                 ]
             )
             + " |"
         )
-    if a.json:
-        a.json.write_text(json.dumps(rows, indent=1))
-    return 0

@@ -25,12 +25,16 @@ class Pairs:
         labels: (B,) int64 class of each x1, or None for unlabeled data.
         index: (B,) int64 position of each x1 in the target batch (minibatch couplings; the global
             batch in a data-parallel job) or in the dataset (dataset-level couplings).
+        v0, v1: (B, *shape) velocities at the endpoints, for couplings of (position, velocity)
+            states (OAT-FM fine-tuning, ``sdfm.methods.oat``); None otherwise.
     """
 
     x0: Tensor
     x1: Tensor
     labels: Tensor | None
     index: Tensor
+    v0: Tensor | None = None
+    v1: Tensor | None = None
 
 
 class Coupling(ABC):

@@ -12,19 +12,23 @@ from torch import Tensor
 
 from sdfm.config import DataConfig
 from sdfm.data import files, synthetic
-from sdfm.data.synthetic import sample_source
+from sdfm.data.synthetic import Source, sample_source
 from sdfm.errors import UserError
 
-__all__ = ["Dataset", "DataStream", "load_dataset", "sample_source", "fingerprint"]
+__all__ = ["Dataset", "DataStream", "Source", "load_dataset", "sample_source", "fingerprint"]
 
 
-def fingerprint(x: Tensor, labels: Tensor | None) -> str:
-    """A short content hash of the training points (and labels): equal data, equal fingerprint."""
+def fingerprint(x: Tensor, labels: Tensor | None, source: Tensor | None = None) -> str:
+    """A short content hash of the training points (and labels, and the points of a file source):
+    equal data, equal fingerprint."""
     h = hashlib.sha256()
     h.update(str(tuple(x.shape)).encode())
     h.update(x.detach().cpu().contiguous().numpy().tobytes())
     if labels is not None:
         h.update(labels.cpu().contiguous().numpy().tobytes())
+    if source is not None:
+        h.update(b"source")
+        h.update(source.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -39,7 +43,9 @@ class Dataset:
         x_eval: (M, *shape) held-out points, never trained on.
         labels_eval: (M,) int64 or None.
         num_classes: number of classes (0 without labels).
-        fingerprint: content hash of x and labels (see ``fingerprint``).
+        fingerprint: content hash of x and labels (see ``fingerprint``), and of the source points
+            when the source is a file (a potential or checkpoint depends on both).
+        source: the source distribution of x0 (``data.source``).
     """
 
     name: str
@@ -49,6 +55,7 @@ class Dataset:
     labels_eval: Tensor | None
     num_classes: int
     fingerprint: str
+    source: Source = Source()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -94,7 +101,16 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         )
     else:
         raise UserError(f"unknown data.name '{cfg.name}'")
-    if cfg.source != "normal" and x.shape[1:] != (2,):
+    source = Source(cfg.source)
+    if cfg.source == "file":
+        points, _ = files.load_file(cfg.source_path, "data.source_path")
+        if points.shape[1:] != x.shape[1:]:
+            raise UserError(
+                f"data.source_path {cfg.source_path} holds points of shape {points.shape[1:]} but the data's are "
+                f"{x.shape[1:]}; use a source file of the data's point shape"
+            )
+        source = Source("file", torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)))
+    elif cfg.source != "normal" and x.shape[1:] != (2,):
         raise UserError(
             f"data.source='{cfg.source}' is a 2-D distribution but the data has shape {x.shape[1:]}; use data.source='normal'"
         )
@@ -117,7 +133,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         num_classes=0
         if labels is None
         else int(max(labels.max(), labels_eval.max() if labels_eval is not None else 0)) + 1,
-        fingerprint=fingerprint(xt, lt),
+        fingerprint=fingerprint(xt, lt) if source.points is None else fingerprint(xt, lt, source.points),
+        source=source,
     )
 
 

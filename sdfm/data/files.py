@@ -64,7 +64,7 @@ def _to_training_layout(x: np.ndarray, path: Path) -> np.ndarray:
             "(N, C, H, W) / (N, H, W, C) images"
         )
     if x.shape[0] == 0 or x.size == 0:
-        raise UserError(f"{path}: the array is empty (shape {x.shape}); point data.path at a file with data")
+        raise UserError(f"{path}: the array is empty (shape {x.shape}); point the config at a file with data")
     if np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
         x = x.astype(np.float32) / 127.5 - 1.0 if x.ndim > 2 else x.astype(np.float32)
     elif not np.issubdtype(x.dtype, np.floating):
@@ -108,7 +108,7 @@ def _load_image_folder(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(
-            f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); point data.path at image files"
+            f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); point the config at image files"
         )
     # One sub-folder per class gives labels, as in torchvision's ImageFolder.
     classes = sorted({p.parent.relative_to(path).as_posix() for p in files})
@@ -134,12 +134,13 @@ def _load_image_folder(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return x, labels
 
 
-def load_file(path_str: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read user data from .npy, .npz, .safetensors or a folder of images."""
+def load_file(path_str: str, key: str = "data.path") -> tuple[np.ndarray, np.ndarray | None]:
+    """Read user data from .npy, .npz, .safetensors or a folder of images; ``key`` names the config
+    key in error messages."""
     path = Path(path_str).expanduser()
     if not path.exists():
         raise UserError(
-            f"data.path {path} does not exist; point --data.path at a .npy/.npz/.safetensors file or an image folder"
+            f"{key} {path} does not exist; point --{key} at a .npy/.npz/.safetensors file or an image folder"
         )
     labels = None
     try:

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from sdfm.data.synthetic import sample_source
+from sdfm.data.synthetic import Source
 
 ROW_BLOCK = 256
 """Rows drawn per generator: a rank draws at most two blocks more than it needs."""
@@ -34,12 +34,12 @@ def step_generator(seed: int, step: int, *keys: int | str) -> torch.Generator:
 
 
 def draw_rows(
-    source: str, shape: tuple[int, ...], seed: int, step: int, lo: int, hi: int
+    source: Source, shape: tuple[int, ...], seed: int, step: int, lo: int, hi: int
 ) -> tuple[Tensor, Tensor]:
     """Noise and times of rows [lo, hi) of the global batch of step ``step``.
 
     Args:
-        source: source distribution name (see ``sample_source``).
+        source: the source distribution (``sdfm.data.synthetic.Source``).
         shape: shape of one point.
         seed: the run's seed (train.seed).
         step: the step being drawn for (0-based).
@@ -51,9 +51,21 @@ def draw_rows(
     xs, ts = [], []
     for k in range(lo // ROW_BLOCK, math.ceil(hi / ROW_BLOCK)):
         gen = step_generator(seed, step, "rows", k)
-        x = sample_source(source, ROW_BLOCK, shape, gen)
+        x = source.draw(ROW_BLOCK, shape, gen)
         t = torch.rand(ROW_BLOCK, generator=gen)
         a, b = max(lo, k * ROW_BLOCK) - k * ROW_BLOCK, min(hi, (k + 1) * ROW_BLOCK) - k * ROW_BLOCK
         xs.append(x[a:b])
         ts.append(t[a:b])
     return torch.cat(xs), torch.cat(ts)
+
+
+def row_normals(seed: int, step: int, lo: int, hi: int, key: str, width: int) -> Tensor:
+    """(hi - lo, width) standard normals of rows [lo, hi) of step ``step``, in a stream named ``key``
+    (per-row draws of a training method, e.g. a mean flow's two times), rank-independent like
+    ``draw_rows``."""
+    out = []
+    for k in range(lo // ROW_BLOCK, math.ceil(hi / ROW_BLOCK)):
+        z = torch.randn(ROW_BLOCK, width, generator=step_generator(seed, step, key, k))
+        a, b = max(lo, k * ROW_BLOCK) - k * ROW_BLOCK, min(hi, (k + 1) * ROW_BLOCK) - k * ROW_BLOCK
+        out.append(z[a:b])
+    return torch.cat(out)

@@ -7,6 +7,7 @@ Scales follow the conventions of the OT-CFM benchmarks (torchcfm): 8 gaussians o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -47,6 +48,28 @@ def circles(n: int, generator: torch.Generator, noise: float = 0.08) -> Tensor:
 
 
 SETS = {"8gaussians": eight_gaussians, "moons": moons, "checkerboard": checkerboard, "circles": circles}
+
+
+@dataclass(frozen=True)
+class Source:
+    """The source distribution p0 of x0 (``data.source``).
+
+    Attributes:
+        name: 'normal' (standard normal), a 2-D set ('moons', '8gaussians'), or 'file'.
+        points: for 'file', the (M, *shape) source dataset, sampled with replacement (an empirical,
+            discrete source that can be drawn afresh at every step, as every coupling needs).
+    """
+
+    name: str = "normal"
+    points: Tensor | None = None
+
+    def draw(self, n: int, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+        """(n, *shape) source samples drawn with ``generator``."""
+        if self.name == "file":
+            if self.points is None:
+                raise ValueError("a file source needs its points")
+            return self.points[torch.randint(len(self.points), (n,), generator=generator)]
+        return sample_source(self.name, n, shape, generator)
 
 
 def sample_source(name: str, n: int, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from sdfm.config import Config
-from sdfm.data import Dataset, sample_source
+from sdfm.data import Dataset
 from sdfm.errors import UserError
 from sdfm.ot.collectives import LOCAL, Collectives
 from sdfm.semidiscrete.fitter import FitterOptions, PotentialFitter
@@ -252,7 +252,7 @@ def fit_setup(cfg: Config, data: Dataset) -> FitSetup:
     if cfg.data.source != "normal":
 
         def source(n: int, gen: torch.Generator) -> Tensor:
-            return sample_source(cfg.data.source, n, data.shape, gen).flatten(1)
+            return data.source.draw(n, data.shape, gen).flatten(1)
 
     options = FitterOptions(
         epsilon=p.epsilon,
