@@ -11,6 +11,8 @@ Bad input ends with one ``error: ...`` line naming the input and the fix, and ex
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 from dataclasses import MISSING, dataclass, field, fields
@@ -90,6 +92,7 @@ class FitPotentialCommand:
     cfg: ConfigFlags = field(default_factory=Config)
 
     def run(self) -> None:
+        from sdfm.checkpoint import check_writable
         from sdfm.data import load_dataset
         from sdfm.distributed.env import DistEnv, potential_device
         from sdfm.monitor import info
@@ -97,13 +100,13 @@ class FitPotentialCommand:
 
         if self.out.suffix != ".safetensors":
             raise UserError(f"--out {self.out} must end in .safetensors: where to save the potential")
+        check_writable(self.out, "--out")  # before the fit, not after it
         cfg = config_mod.validate(self.cfg)
         data = load_dataset(cfg.data)
         p = cfg.potential
         info(
             f"fitting the potential of {data.name}: N={len(data)}, d={data.x[0].numel()}, eps={p.epsilon}, {p.method}"
         )
-        self.out.parent.mkdir(parents=True, exist_ok=True)
         device = potential_device(DistEnv(), cfg)
         res = fit_and_save(cfg, data, self.out, device=device, log=info)
         info(
@@ -122,11 +125,19 @@ class WorkerCommand:
     """Use this config instead of RUN/config.toml (its data must match the run's)."""
     max_steps: int = 0
     """Stop after this many SGD steps in this process (0: run until SIGTERM/SIGINT)."""
+    trainer_timeout_s: float = 900.0
+    """Stop once the run's trainer, seen alive, has not refreshed RUN/heartbeat.json for this many
+    seconds (0: never; a worker spawned by its trainer also dies with it)."""
 
     def run(self) -> None:
         from sdfm.worker import run_worker
 
-        run_worker(self.run_dir, config_path=self.config, max_steps=self.max_steps)
+        run_worker(
+            self.run_dir,
+            config_path=self.config,
+            max_steps=self.max_steps,
+            trainer_timeout_s=self.trainer_timeout_s,
+        )
 
 
 @dataclass(kw_only=True)
@@ -227,7 +238,11 @@ def _preset(name: str, argv: list[str]):
     parser.add_argument("--config", type=Path)
     parser.add_argument("--run-dir", "--run_dir", dest="run_dir", type=Path)
     parser.add_argument("--resume", action="store_true")
-    opts, _ = parser.parse_known_args(argv)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            opts, _ = parser.parse_known_args(argv)
+    except SystemExit:  # a flag without its value: tyro reports it below
+        return None
     path = opts.config
     if path is None and name == "train" and opts.resume and opts.run_dir is not None:
         saved = opts.run_dir / "config.toml"
@@ -257,7 +272,24 @@ def parse(argv: list[str]):
     """The command object that ``argv`` (without the program name) describes (tyro exits on bad flags)."""
     name = argv[0] if argv and not argv[0].startswith("-") else None
     command = _command_type(name, argv[1:])
-    return tyro.cli(command, args=argv, prog="sdfm", config=(tyro.conf.OmitSubcommandPrefixes,))
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(command, args=argv, prog="sdfm", config=(tyro.conf.OmitSubcommandPrefixes,))
+    except SystemExit as e:
+        text = captured.getvalue()
+        if e.code not in (0, None):
+            print(f"error: {_first_message(text) or 'bad command line'}", file=sys.stderr)
+        sys.stderr.write(text)
+        raise
+
+
+def _first_message(text: str) -> str | None:
+    """The line of tyro's boxed message that names the flag (the one after the box's title), without
+    the box drawing (rich's, or the plain one it prints without a terminal)."""
+    lines = [line.strip().strip("│╭╮╰╯─-| ").strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("usage:")]
+    return lines[1] if len(lines) > 1 else (lines[0] if lines else None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -432,6 +432,8 @@ def validate(cfg: Config) -> Config:
         raise UserError("method.path = 'learned' trains flow matching only; use method.kind = 'fm'")
     need(c.eval.num_samples >= 2, "eval.num_samples", c.eval.num_samples, ">= 2")
     need(all(k >= 1 for k in c.eval.nfe), "eval.nfe", c.eval.nfe, "a list of positive integers")
+    need(c.eval.rtol > 0, "eval.rtol", c.eval.rtol, "> 0 (dopri5's relative tolerance)")
+    need(c.eval.atol > 0, "eval.atol", c.eval.atol, "> 0 (dopri5's absolute tolerance)")
     return cfg
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from sdfm import config as config_mod
-from sdfm.checkpoint import CheckpointManager, write_atomic
+from sdfm.checkpoint import CheckpointManager, check_writable, write_atomic
 from sdfm.config import Config
 from sdfm.data import Dataset, load_dataset
 from sdfm.errors import UserError
@@ -286,6 +286,10 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate the newest checkpoint of a run; write RUN/eval/{eval.json, summary.md, samples.png}."""
     run_dir = Path(run_dir)
+    if num_samples < 0 or num_samples == 1:
+        raise UserError(f"--num-samples {num_samples} must be >= 2 (or 0: the run's eval.num_samples)")
+    if nfe is not None and (not nfe or any(k < 1 for k in nfe)):
+        raise UserError(f"--nfe {' '.join(map(str, nfe))} must be positive step counts (e.g. --nfe 1 2 4 8)")
     if trainer is not None:
         run = LoadedRun(
             cfg=trainer.cfg,
@@ -348,14 +352,21 @@ def sample_to_file(args) -> Path:
     out = Path(args.out)
     if out.suffix not in (".npy", ".png"):
         raise UserError(f"--out {out} must end in .npy (raw samples) or .png (a picture)")
+    check_writable(out, "--out")
     if args.num < 1:
         raise UserError(f"--num {args.num} must be >= 1")
     run = load_run(args.run_dir, ema=args.ema)
     gen = torch.Generator().manual_seed(args.seed)
     x0 = run.data.source.draw(args.num, run.data.shape, gen)
     labels = None
+    if not run.cfg.data.conditional and args.label != -1:
+        raise UserError(
+            f"--label {args.label} needs a class-conditional run; {args.run_dir} is unconditional: drop --label"
+        )
+    if args.nfe < 1:
+        raise UserError(f"--nfe {args.nfe} must be >= 1")
     if run.cfg.data.conditional:
-        if args.label >= run.data.num_classes:
+        if args.label >= run.data.num_classes or args.label < -1:
             raise UserError(
                 f"--label {args.label} is out of range; the model has classes 0..{run.data.num_classes - 1}"
             )

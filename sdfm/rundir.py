@@ -4,18 +4,29 @@ Layout of ``RUN/``::
 
     config.toml            the resolved config (``sdfm train --config RUN/config.toml`` reproduces it)
     dataset.json           name, fingerprint, size and point shape of the run's training data
+    .lock                  the advisory lock of the trainer that owns the folder (host, PID, start)
+    heartbeat.json         the owning trainer's host, PID, step and time, refreshed while it trains
     checkpoints/           step-NNNNNNNN/ folders and a ``latest`` pointer (``sdfm.checkpoint``)
     potential/             the semidiscrete potential: fitted.safetensors (fit before training), or the
-                           worker's latest.safetensors, worker_state.pt and worker.log
+                           worker's latest.safetensors, worker_state.safetensors, worker.log and .lock
     metrics.jsonl, tensorboard/, eval/
 
-Rank 0 of a job owns the folder: only it writes here.
+Rank 0 of a job owns the folder: only it writes here, and only while it holds ``.lock``.
+
+A start is a transaction (``RunFolder``): everything is validated before the folder changes; a
+replaced run (--overwrite) is moved aside and only deleted once the new run has started, or put back
+if it fails; a rejected --resume leaves every file as it was; a failed first start leaves nothing
+that blocks its retry.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 from sdfm import config as config_mod
@@ -25,15 +36,24 @@ from sdfm.data import Dataset
 from sdfm.errors import UserError
 
 DATASET_FILE = "dataset.json"
+HEARTBEAT_FILE = "heartbeat.json"
 
 __all__ = [
     "DATASET_FILE",
+    "FIXED_ON_RESUME",
+    "RunFolder",
+    "RunLock",
     "check_dataset",
+    "check_resume_config",
+    "check_run_dir",
+    "heartbeat_age",
+    "is_locked",
     "is_run_dir",
     "potential_dir",
     "prepare_run_dir",
     "record_dataset",
     "snapshot_path",
+    "write_heartbeat",
 ]
 
 
@@ -51,22 +71,214 @@ def is_run_dir(path: Path) -> bool:
     return (path / "config.toml").exists() or (path / "checkpoints").exists()
 
 
-def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool, overwrite: bool) -> None:
-    """Create the run folder, refusing to clobber an existing run unless asked, and save the config."""
+FIXED_ON_RESUME = ("data", "model", "method", "coupling.kind", "coupling.cost", "train.seed", "train.batch_size",
+                   "potential.epsilon", "potential.pca_dim")  # fmt: skip
+"""Config keys (a name alone: the whole section) that a --resume may not change: they define the
+data, the network, what it learns and the draws of every step. Every other key may change on resume
+(steps, log / checkpoint cadence, optimizer, evaluation, devices, the worker's settings); the merged
+config is saved as the run's config.toml once the resume has started."""
+
+
+def check_resume_config(saved: Config, cfg: Config) -> None:
+    """Refuse (one line naming every key) a resume config that changes a key of ``FIXED_ON_RESUME``."""
+    old, new = config_mod.to_dict(saved), config_mod.to_dict(cfg)
+    changed = []
+    for key in FIXED_ON_RESUME:
+        section, _, name = key.partition(".")
+        a, b = old.get(section, {}), new.get(section, {})
+        names = [name] if name else sorted(set(a) | set(b))
+        changed += [f"{section}.{n} ({a.get(n)!r} -> {b.get(n)!r})" for n in names if a.get(n) != b.get(n)]
+    if changed:
+        raise UserError(
+            f"--resume cannot change {', '.join(changed)}: these are fixed for a run; drop those overrides "
+            "(or start a new run in another --run-dir)"
+        )
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a run folder this start cannot use, without touching anything."""
     run_dir = Path(run_dir)
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists():
+            if parent != run_dir and not parent.is_dir():
+                raise UserError(f"--run-dir {run_dir} is below {parent}, which is a file; choose a folder")
+            if not os.access(parent, os.W_OK) or str(parent.resolve()).startswith(("/proc", "/sys")):
+                raise UserError(
+                    f"--run-dir {run_dir}: {parent} is not writable; choose a folder you can write"
+                )
+            break
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir} is a file; choose a folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    # A start killed before its commit leaves only the lock (and perhaps a heartbeat): that is empty.
+    if run_dir.is_dir() and any(p.name not in (".lock", HEARTBEAT_FILE) for p in run_dir.iterdir()):
         if not is_run_dir(run_dir):
             raise UserError(f"--run-dir {run_dir} is not empty and holds no sdfm run; choose another folder")
         if not resume and not overwrite:
             raise UserError(
                 f"--run-dir {run_dir} already holds a run; pass --resume to continue it or --overwrite to delete it and start over"
             )
-        if overwrite:
-            shutil.rmtree(run_dir)
+    pointer = run_dir / "checkpoints" / "latest"
+    if resume and pointer.exists() and not pointer.is_file():
+        raise UserError(
+            f"{pointer} is not a file, but sdfm keeps its pointer to the newest checkpoint there; "
+            "move it out of the checkpoints folder"
+        )
+
+
+class RunLock:
+    """An advisory ``fcntl.flock`` on ``folder/.lock``, held by one process for as long as it works
+    in the folder. The kernel drops the lock when its holder dies, so a stale lock (holder killed) is
+    simply taken over; the file records the holder's host and PID for the refusal message. On
+    network file systems without flock support, locking is best effort (see README, Reliability).
+
+    Args:
+        folder: the folder to own (created if missing).
+        what: how the refusal names the holder ("trainer", "worker").
+        fix: what the refused user should do.
+    """
+
+    def __init__(self, folder: Path, what: str, fix: str):
+        self.path = Path(folder) / ".lock"
+        self.what, self.fix = what, fix
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise UserError(
+                f"{self.path.parent} is in use by another {self.what} ({holder}); {self.fix}"
+            ) from None
+        previous = _read_holder(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder_info()).encode(), 0)
+        self.fd, self.previous = fd, previous
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def holder_info() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        rec = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"host {rec['host']}, PID {rec['pid']}, since {rec['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def is_locked(folder: Path) -> str | None:
+    """The holder of ``folder/.lock`` when a live process holds it, else None (never creates it)."""
+    path = Path(folder) / ".lock"
+    if not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_holder(fd)
+    finally:
+        os.close(fd)
+    return None
+
+
+class RunFolder:
+    """The run folder as a transaction: ``begin`` claims it (lock; --overwrite moves the old run
+    aside), ``commit`` writes the config and dataset record and deletes a replaced run, ``rollback``
+    puts everything back. Between ``begin`` and ``commit`` the trainer builds, resumes and starts;
+    nothing it reads is changed until then.
+    """
+
+    def __init__(self, run_dir: Path, *, resume: bool, overwrite: bool):
+        self.run_dir = Path(run_dir)
+        self.resume, self.overwrite = resume, overwrite
+        self.created = False
+        self.aside: Path | None = None
+        self.lock: RunLock | None = None
+
+    def begin(self) -> None:
+        check_run_dir(self.run_dir, resume=self.resume, overwrite=self.overwrite)
+        fix = "stop that trainer first, or choose another --run-dir"
+        existing = self.run_dir.is_dir() and is_run_dir(self.run_dir)
+        if self.overwrite and existing:
+            with RunLock(self.run_dir, "trainer", fix):  # never replace a run that is training
+                self.aside = self.run_dir.with_name(f".{self.run_dir.name}.replaced-{os.getpid()}")
+                os.replace(self.run_dir, self.aside)
+        self.created = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.lock = RunLock(self.run_dir, "trainer", fix).acquire()
+        except BaseException:
+            self.rollback()
+            raise
+
+    def commit(self, cfg: Config, data: Dataset) -> None:
+        write_atomic(self.run_dir / "config.toml", config_mod.dumps(cfg).encode())
+        record_dataset(self.run_dir, data)
+        if self.aside is not None:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside = None
+
+    def rollback(self) -> None:
+        """Undo ``begin``: remove a folder this start created (or emptied), restore a replaced run."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if self.created or self.aside is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.aside is not None:
+            os.replace(self.aside, self.run_dir)
+            self.aside = None
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool, overwrite: bool) -> None:
+    """Create the run folder, refusing to clobber an existing run unless asked, and save the config
+    (for benchmarks and tests that drive a Trainer directly; ``sdfm train`` uses ``RunFolder``)."""
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    if overwrite and run_dir.is_dir():
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.toml", config_mod.dumps(cfg).encode())
+
+
+def write_heartbeat(run_dir: Path, step: int) -> None:
+    """Record that the owning trainer is alive (read by a worker started as its own job)."""
+    write_atomic(
+        Path(run_dir) / HEARTBEAT_FILE,
+        json.dumps({**holder_info(), "step": step, "time": time.time()}).encode(),
+    )
+
+
+def heartbeat_age(run_dir: Path) -> float | None:
+    """Seconds since the trainer's last heartbeat, or None when there is none (or it is unreadable)."""
+    try:
+        rec = json.loads((Path(run_dir) / HEARTBEAT_FILE).read_text())
+        return max(0.0, time.time() - float(rec["time"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def record_dataset(run_dir: Path, data: Dataset) -> None:
@@ -80,9 +292,16 @@ def check_dataset(run_dir: Path, data: Dataset) -> None:
     path = Path(run_dir) / DATASET_FILE
     if not path.is_file():
         return
-    rec = json.loads(path.read_text())
-    if rec["fingerprint"] != data.fingerprint:
+    try:
+        rec = json.loads(path.read_text())
+        name, recorded = str(rec["name"]), str(rec["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(
-            f"run folder {run_dir} belongs to dataset {rec['name']} (fingerprint {rec['fingerprint']}), but this "
-            f"worker's data is {data.name} (fingerprint {data.fingerprint}); point the worker at the run's own folder/config"
+            f"{path} is not a dataset record ({type(e).__name__}); it is written by `sdfm train`: restore it, or "
+            "rewrite it with `sdfm train --resume` on the run"
+        ) from None
+    if recorded != data.fingerprint:
+        raise UserError(
+            f"run folder {run_dir} belongs to dataset {name} (fingerprint {recorded}), but the configured "
+            f"data is {data.name} (fingerprint {data.fingerprint}); point at the run's own folder/config"
         )

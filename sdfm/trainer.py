@@ -40,7 +40,15 @@ from sdfm.methods.oat import TargetModel
 from sdfm.models import EMA, build_model
 from sdfm.monitor import Monitor, info, set_main_process
 from sdfm.pairing import PairSource
-from sdfm.rundir import potential_dir, prepare_run_dir, record_dataset, snapshot_path
+from sdfm.rundir import (
+    RunFolder,
+    check_dataset,
+    check_resume_config,
+    is_locked,
+    potential_dir,
+    snapshot_path,
+    write_heartbeat,
+)
 from sdfm.semidiscrete.index import check_precision
 
 LOG_KEYS = (
@@ -56,7 +64,10 @@ LOG_KEYS = (
     "potential_age_s",
     "potential_chi2",
 )
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
+"""Layout of the checkpoints this sdfm writes: 3 stores optimizer, scheduler and scaler state as
+safetensors + JSON; 2 (read too) stored them with torch.save."""
+READABLE_VERSIONS = (2, 3)
 
 
 def lr_lambda(cfg: Config):
@@ -78,7 +89,7 @@ class Trainer:
 
     Args:
         cfg: validated configuration.
-        run_dir: the run folder (created by ``prepare_run_dir``).
+        run_dir: the run folder (claimed by ``RunFolder``, or ``prepare_run_dir`` in tests).
         dataset: the loaded dataset (loaded from ``cfg.data`` when None).
         pg: the job's process group (``sdfm.distributed.env.ProcessGroup``); None for a single process.
         init_from: a trained run whose EMA weights start this one (OAT fine-tuning); a resume
@@ -309,7 +320,11 @@ class Trainer:
         )
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         window_t, window_n = time.perf_counter(), 0
+        beat = -math.inf
         while self.step < until:
+            if main and time.monotonic() - beat >= HEARTBEAT_EVERY_S:  # a worker of its own job reads it
+                write_heartbeat(self.run_dir, self.step)
+                beat = time.monotonic()
             if self.pg.any(self.stop_requested):  # agreed by all ranks, so all stop at this step
                 path = self.save()
                 monitor.print(f"SIGTERM: saved checkpoint {path} at step {self.step}; exiting")
@@ -350,6 +365,7 @@ class Trainer:
         if self.cfg.coupling.kind != "semidiscrete" or self.cfg.method.kind == "oat":
             return  # (OAT fits the lifted problem's potential itself, at every target refresh)
         from sdfm.semidiscrete import fit_and_save, load_potential
+        from sdfm.semidiscrete.fit import FitInterrupted
         from sdfm.worker import WorkerProcess, wait_for_version
 
         p, coupling = self.cfg.potential, self.coupling
@@ -367,19 +383,31 @@ class Trainer:
                 info(
                     f"potential: fitting g over N={len(self.data)} points to chi2 <= {p.target_chi2} ({p.method})"
                 )
-                res = fit_and_save(
-                    self.cfg,
-                    self.data,
-                    potential_dir(self.run_dir) / "fitted.safetensors",
-                    device=potential_device(self.pg.env, self.cfg),
-                    log=info,
-                )
+                try:
+                    res = fit_and_save(
+                        self.cfg,
+                        self.data,
+                        potential_dir(self.run_dir) / "fitted.safetensors",
+                        device=potential_device(self.pg.env, self.cfg),
+                        log=info,
+                        state_path=potential_dir(self.run_dir) / "fit_state.safetensors"
+                        if self.world == 1
+                        else None,
+                    )
+                except FitInterrupted as e:
+                    info(str(e))
+                    raise SystemExit(0) from None
                 coupling.set_potential(res.g, 1, res.chi2)
                 info(f"potential: {res.steps} steps in {res.seconds:.1f} s, chi2 {res.chi2:.4g}")
             elif p.source == "worker":
                 path = snapshot_path(self.run_dir)
                 coupling.watch(path)
-                if p.spawn_worker:
+                running = is_locked(potential_dir(self.run_dir))
+                if p.spawn_worker and running:
+                    info(
+                        f"potential: a worker is already running for this run ({running}); using its snapshots"
+                    )
+                elif p.spawn_worker:
                     self.worker = WorkerProcess(self.run_dir)
                     info(f"potential: started worker pid {self.worker.proc.pid} (log {self.worker.log_path})")
                 if coupling.version == 0 and not wait_for_version(path, timeout=120):
@@ -428,9 +456,33 @@ class Trainer:
             metadata=meta,
         )
 
+    def _fits_this_run(self, ckpt) -> None:
+        """Accept a verified checkpoint for this run: a layout this sdfm reads (else ValueError: it is
+        skipped like a damaged one), the run's data (else UserError: the config is wrong, not the
+        checkpoint), and tensors of this model's names and shapes (else ValueError)."""
+        state = ckpt.state
+        if not isinstance(state.get("data_position"), dict):
+            raise ValueError("trainer_state.json has no data position")
+        if state.get("version") not in READABLE_VERSIONS:
+            raise ValueError(
+                f"layout version {state.get('version')!r} is not one this sdfm reads ({READABLE_VERSIONS})"
+            )
+        if state.get("fingerprint") != self.data.fingerprint:
+            raise UserError(
+                f"checkpoint {ckpt.path} was trained on data with fingerprint {state.get('fingerprint')}, but the "
+                f"configured data has {self.data.fingerprint}; resume with the run's own data config"
+            )
+        for name in ("model", "ema"):
+            saved = {k: tuple(v.shape) for k, v in ckpt.tensors(name).items()}
+            ours = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+            if saved != ours:
+                raise ValueError(
+                    f"{name}.safetensors does not hold this model's parameters (names or shapes differ)"
+                )
+
     def resume(self) -> bool:
         """Load the newest complete checkpoint; False when the run has none yet."""
-        ckpt = self.ckpt.load_latest()
+        ckpt = self.ckpt.load_latest(accept=self._fits_this_run)
         self.pg.check_same(
             "the newest checkpoint",
             None if ckpt is None else ckpt.step,
@@ -439,15 +491,6 @@ class Trainer:
         if ckpt is None:
             return False
         state = ckpt.state
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise UserError(
-                f"checkpoint {ckpt.path} has layout version {state.get('version')}, this sdfm reads {CHECKPOINT_VERSION}"
-            )
-        if state["fingerprint"] != self.data.fingerprint:
-            raise UserError(
-                f"checkpoint {ckpt.path} was trained on data with fingerprint {state['fingerprint']}, but the "
-                f"configured data has {self.data.fingerprint}; resume with the run's own data config"
-            )
         self.model.load_state_dict(ckpt.tensors("model"))
         self.ema.load_state_dict(ckpt.tensors("ema"))
         self.coupling.load_state_dict(ckpt.tensors("coupling"))
@@ -455,7 +498,7 @@ class Trainer:
             self.method.load_state_dict(ckpt.tensors("method"))
         self.optimizer.load_state_dict(ckpt.object("optimizer"))
         self.scheduler.load_state_dict(ckpt.object("scheduler"))
-        if self.scaler.is_enabled() and ckpt.has("scaler.pt"):  # fp16: the loss scale carries over
+        if self.scaler.is_enabled() and (ckpt.has("scaler.safetensors") or ckpt.has("scaler.pt")):
             self.scaler.load_state_dict(ckpt.object("scaler"))
         self.stream.load_state_dict(state["data_position"])
         self.step = ckpt.step
@@ -469,6 +512,9 @@ class Trainer:
             )
         return True
 
+
+HEARTBEAT_EVERY_S = 10.0
+"""How often rank 0 refreshes RUN/heartbeat.json while it trains."""
 
 LEARNED_EXACT_MAX = 20_000
 """Most points whose closed-form field a learned path's fit computes exactly (without top-k)."""
@@ -574,27 +620,55 @@ def run_training(
             f"step of its fit (more than {LEARNED_EXACT_MAX}); set method.schedule_topk (e.g. 256) to use the "
             "matching index's top-k"
         )
+    p = cfg.potential
+    if cfg.coupling.kind == "semidiscrete" and p.source == "file" and not resume:
+        from sdfm.semidiscrete import load_potential
+
+        load_potential(
+            p.path, expected_fingerprint=dataset.fingerprint, expected_n=len(dataset)
+        )  # before any write
+    saved = Path(run_dir) / "config.toml"
+    if resume and saved.is_file():  # the merge rule: fixed keys stay as the run has them
+        check_resume_config(config_mod.load_config(saved), cfg)
+    if env.is_main and resume:
+        check_dataset(run_dir, dataset)
     pg = ProcessGroup(
         env, device_for(env, cfg.train.device), cfg.train.dist_backend, cfg.train.dist_timeout_s
     )
     trainer = None
+    folder = RunFolder(run_dir, resume=resume, overwrite=overwrite)
     try:
-        # Rank 0 owns the run folder; the others wait, then see its config and checkpoints.
+        # Rank 0 owns the run folder (and its lock); the others wait, then see its checkpoints. Until
+        # the commit below nothing in the folder changes, and a failure puts it back as it was.
         error = None
         if env.is_main:
             try:
-                prepare_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
-                record_dataset(run_dir, dataset)
+                folder.begin()
             except UserError as e:
                 error = str(e)
         error = pg.broadcast_object(error)
         if error is not None:
             raise AgreedError(error)
-        trainer = Trainer(cfg, run_dir, dataset=dataset, pg=pg, init_from=None if resume else init_from)
-        resumed = resume and trainer.resume()
-        if resume and not resumed:
-            info(f"no checkpoint in {run_dir} yet; starting from step 0")
-        trainer.start_potential(resumed)
+        try:
+            trainer = Trainer(cfg, run_dir, dataset=dataset, pg=pg, init_from=None if resume else init_from)
+            resumed = resume and trainer.resume()
+            if resume and not resumed:
+                info(f"no checkpoint in {run_dir} yet; starting from step 0")
+            if resumed and trainer.step > cfg.train.steps:
+                raise UserError(
+                    f"--train.steps {cfg.train.steps} is below the checkpoint's step {trainer.step}; pass "
+                    f"--train.steps above {trainer.step} to train on (a run never trains backwards)"
+                )
+        except BaseException:
+            if env.is_main:
+                folder.rollback()
+            raise
+        if env.is_main:
+            folder.commit(cfg, dataset)
+        pg.wait_for_main("the run folder")
+        trainer.start_potential(resumed)  # a worker it spawns reads the committed config
+        if trainer.step == cfg.train.steps:
+            info(f"{run_dir} is already at step {trainer.step} = train.steps; nothing to train")
         trainer.train()
         pg.any(False)  # leave together: rank 0 may still be writing the last checkpoint
     finally:
@@ -605,5 +679,6 @@ def run_training(
             # and abort the interpreter at exit.
             trainer.ddp = trainer.model
             gc.collect()
+        folder.close()
         pg.close()
     return trainer

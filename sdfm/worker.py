@@ -3,9 +3,15 @@
 ``sdfm worker --run-dir RUN`` loads the run's dataset, runs SGD on g without end (fresh noise ->
 assignments against all N points -> one step), and every ``potential.publish_every`` steps publishes
 ``RUN/potential/latest.safetensors`` (version, worker step, chi^2, epsilon, dataset fingerprint) and
-its own state ``RUN/potential/worker_state.pt``, both atomically. A restarted worker continues from
-that state, with the next version number. SIGTERM / SIGINT end it after the current step with a final
-publish. Trainers pick up new versions at step boundaries (``SemidiscreteCoupling.poll``).
+its own state ``RUN/potential/worker_state.safetensors``, both atomically. A restarted worker
+continues from that state, with the next version number. SIGTERM / SIGINT end it after the current
+step with a final publish. Trainers pick up new versions at step boundaries
+(``SemidiscreteCoupling.poll``).
+
+One worker per run: it holds ``RUN/potential/.lock`` (a second one is refused with the holder's host
+and PID). A worker spawned by its trainer dies with it (``PR_SET_PDEATHSIG`` on Linux, and a check of
+its parent between steps elsewhere); a worker started as its own job stops once the trainer it saw
+has not refreshed ``RUN/heartbeat.json`` for ``--trainer-timeout-s`` seconds.
 
 The fit runs on ``potential.device`` (the trainer's device by default: CUDA when present), and under
 ``torchrun --nproc_per_node=K -m sdfm worker --run-dir RUN`` on K ranks that share every step.
@@ -13,7 +19,6 @@ The fit runs on ``potential.device`` (the trainer's device by default: CUDA when
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import signal
@@ -25,13 +30,13 @@ from pathlib import Path
 import torch
 
 from sdfm import config as config_mod
-from sdfm.checkpoint import write_atomic
+from sdfm.checkpoint import state_from_bytes, state_to_bytes, write_atomic
 from sdfm.data import load_dataset
 from sdfm.distributed.collectives import LOCAL, GroupCollectives
 from sdfm.distributed.env import ProcessGroup, detect, potential_device
 from sdfm.errors import UserError
 from sdfm.monitor import info, set_main_process
-from sdfm.rundir import check_dataset, potential_dir
+from sdfm.rundir import RunLock, check_dataset, heartbeat_age, potential_dir
 from sdfm.semidiscrete.fit import fit_setup
 from sdfm.semidiscrete.fitter import PotentialFitter
 from sdfm.semidiscrete.potential_file import save_potential
@@ -50,9 +55,37 @@ class _Stop:
         self.requested = True
 
 
-def run_worker(run_dir: Path, *, config_path: Path | None = None, max_steps: int = 0, log=info) -> int:
+PARENT_VARIABLE = "SDFM_WORKER_PARENT"
+"""Set by a trainer that spawns its worker: the trainer's PID, which the worker dies with."""
+
+
+def _die_with_parent() -> int:
+    """The PID of the spawning trainer (0 when started by hand); on Linux, ask the kernel to send
+    SIGTERM when it dies. Exits at once if it is already gone."""
+    parent = int(os.environ.get(PARENT_VARIABLE, "0") or 0)
+    if parent <= 0:
+        return 0
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:
+        raise SystemExit(f"the trainer (PID {parent}) that started this worker is gone; stopping")
+    return parent
+
+
+def run_worker(
+    run_dir: Path,
+    *,
+    config_path: Path | None = None,
+    max_steps: int = 0,
+    trainer_timeout_s: float = 900.0,
+    log=info,
+) -> int:
     """Fit and publish until stopped (or ``max_steps`` steps in this process, for tests and batch
-    jobs). Returns the last published version.
+    jobs; or until a trainer that was seen stops its heartbeat for ``trainer_timeout_s`` seconds,
+    0: never). Returns the last published version.
 
     One process, or every rank of a ``torchrun --nproc_per_node=K -m sdfm worker`` job: each rank
     scores its share of every noise batch against the whole dataset on its own device and the
@@ -61,6 +94,13 @@ def run_worker(run_dir: Path, *, config_path: Path | None = None, max_steps: int
     snapshots are the single-process ones, so a run can resume on another number of ranks.
     """
     run_dir = Path(run_dir)
+    if max_steps < 0:
+        raise UserError(f"--max-steps must be >= 0 (0: run until stopped), got {max_steps}")
+    if trainer_timeout_s < 0:
+        raise UserError(
+            f"--trainer-timeout-s must be >= 0 (0: never stop for a silent trainer), got {trainer_timeout_s}"
+        )
+    parent = _die_with_parent()
     env = detect()
     set_main_process(env.is_main)
     cfg_path = config_path or run_dir / "config.toml"
@@ -74,25 +114,66 @@ def run_worker(run_dir: Path, *, config_path: Path | None = None, max_steps: int
     device = potential_device(env, cfg)
     data = load_dataset(cfg.data)
     pg = ProcessGroup(env, device, cfg.train.dist_backend, cfg.train.dist_timeout_s)
+    lock = None
     try:
         pg.check_same(
             "the worker's data (its fingerprint)", data.fingerprint, fix="give every rank the run's own data"
         )
         check_dataset(run_dir, data)
+        error = None
+        if env.is_main:
+            try:
+                lock = RunLock(
+                    potential_dir(run_dir),
+                    "worker",
+                    "stop it first, or leave it running: the trainer picks up its snapshots",
+                ).acquire()
+            except UserError as e:
+                error = str(e)
+        if (error := pg.broadcast_object(error)) is not None:
+            raise UserError(error)
         comm = GroupCollectives(None, pg.flag_device) if env.distributed else LOCAL
-        return _fit_and_publish(run_dir, cfg, data, device, comm, pg, max_steps, log)
+        alive = _Liveness(run_dir, parent, trainer_timeout_s, log)
+        return _fit_and_publish(run_dir, cfg, data, device, comm, pg, max_steps, log, alive)
     finally:
+        if lock is not None:
+            lock.release()
         pg.close()
 
 
-def _fit_and_publish(run_dir, cfg, data, device, comm, pg, max_steps: int, log) -> int:
+class _Liveness:
+    """Whether the worker should go on: its spawning trainer is still its parent, and a trainer that
+    was seen refreshing RUN/heartbeat.json has not been silent for longer than the timeout (checked
+    at most every few seconds)."""
+
+    def __init__(self, run_dir: Path, parent: int, timeout_s: float, log):
+        self.run_dir, self.parent, self.timeout_s, self.log = run_dir, parent, timeout_s, log
+        self.seen, self.checked = False, 0.0
+
+    def gone(self) -> bool:
+        if self.parent and os.getppid() != self.parent:
+            self.log(f"worker: the trainer (PID {self.parent}) that started it is gone; stopping")
+            return True
+        if not self.timeout_s or time.monotonic() - self.checked < 5.0:
+            return False
+        self.checked = time.monotonic()
+        age = heartbeat_age(self.run_dir)
+        if age is not None and age < self.timeout_s:
+            self.seen = True
+        elif self.seen and age is not None:
+            self.log(f"worker: no trainer heartbeat for {age:.0f} s (> --trainer-timeout-s); stopping")
+            return True
+        return False
+
+
+def _fit_and_publish(run_dir, cfg, data, device, comm, pg, max_steps: int, log, alive: _Liveness) -> int:
     out = potential_dir(run_dir)
     main = pg.env.is_main
     if main:
         out.mkdir(parents=True, exist_ok=True)
     fitter = fit_setup(cfg, data).fitter(data.x.flatten(1), device, comm)
-    state_path = out / "worker_state.pt"
-    state = _read_state(state_path, log) if main else None
+    state_path = out / STATE_FILE
+    state = _read_state(out, log) if main else None
     state = pg.broadcast_object(state)
     version = 0
     if state is not None:
@@ -108,7 +189,7 @@ def _fit_and_publish(run_dir, cfg, data, device, comm, pg, max_steps: int, log) 
         f"publishing every {p.publish_every} steps"
     )
     steps_here = 0
-    while not pg.any(stop.requested) and not (max_steps and steps_here >= max_steps):
+    while not pg.any(stop.requested or alive.gone()) and not (max_steps and steps_here >= max_steps):
         stats = fitter.step()
         steps_here += 1
         chi2_smooth = stats["chi2"] if math.isnan(chi2_smooth) else 0.9 * chi2_smooth + 0.1 * stats["chi2"]
@@ -125,13 +206,25 @@ def _fit_and_publish(run_dir, cfg, data, device, comm, pg, max_steps: int, log) 
     return version
 
 
-def _read_state(path: Path, log) -> dict | None:
+STATE_FILE = "worker_state.safetensors"
+"""The worker's own state (``state_to_bytes``: no pickle); sdfm 0.1 wrote ``worker_state.pt``."""
+
+
+def _read_state(out: Path, log) -> dict | None:
     """The worker's saved state, or None (none yet, or unreadable: then the fit starts over)."""
-    if not path.is_file():
+    path, old = out / STATE_FILE, out / "worker_state.pt"
+    if not path.is_file() and not old.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a torn state file: say so and start over rather than crash forever
+        if path.is_file():
+            state = state_from_bytes(path.read_bytes())
+        else:  # the layout of sdfm 0.1, read without running code
+            path = old
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "fitter" not in state or "version" not in state:
+            raise ValueError("not a worker state")
+        return state
+    except Exception as e:  # a torn or foreign state file: say so and start over rather than crash forever
         log(f"warning: worker state {path} is unreadable ({type(e).__name__}); starting the fit from zero")
         return None
 
@@ -141,9 +234,7 @@ def publish(
 ) -> None:
     """Save the worker's own state first, then the snapshot trainers read: a crash in between means a
     restarted worker republishes that version, never that trainers see a version the state lacks."""
-    buf = io.BytesIO()
-    torch.save({"fitter": fitter.state_dict(), "version": version}, buf)
-    write_atomic(out / "worker_state.pt", buf.getvalue())
+    write_atomic(out / STATE_FILE, state_to_bytes({"fitter": fitter.state_dict(), "version": version}))
     save_potential(
         out / "latest.safetensors",
         fitter.potential(),
@@ -191,6 +282,7 @@ class WorkerProcess:
             for k, v in os.environ.items()
             if k not in LAUNCH_VARIABLES and not k.startswith("TORCHELASTIC_")
         }
+        env[PARENT_VARIABLE] = str(os.getpid())  # the worker dies with this process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sdfm", "worker", "--run-dir", str(run_dir)],
             stdout=self._log,

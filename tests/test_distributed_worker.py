@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from sdfm import config as config_mod
+from sdfm.checkpoint import state_from_bytes
 from sdfm.config import Config
 from sdfm.data import load_dataset
 from sdfm.rundir import prepare_run_dir, record_dataset, snapshot_path
@@ -86,7 +87,7 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def worker_state(run_dir: Path) -> dict:
-    return torch.load(run_dir / "potential" / "worker_state.pt", weights_only=True)
+    return state_from_bytes((run_dir / "potential" / "worker_state.safetensors").read_bytes())
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sdfm import config as config_mod
+from sdfm.checkpoint import state_from_bytes
 from sdfm.config import Config
 from sdfm.rundir import prepare_run_dir, record_dataset, snapshot_path
 from sdfm.semidiscrete import load_potential, save_potential
@@ -110,7 +111,7 @@ def test_trainer_follows_worker_survives_kill_rejects_bad_snapshots_and_worker_r
         snap.write_bytes(good)
 
         # a restarted worker continues from its saved state with later versions
-        state = torch.load(tmp_path / "potential" / "worker_state.pt", weights_only=True)
+        state = state_from_bytes((tmp_path / "potential" / "worker_state.safetensors").read_bytes())
         worker = start_worker(tmp_path)
         wait_until(
             lambda: load_potential(snap).version > state["version"],

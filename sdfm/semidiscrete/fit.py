@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sdfm.checkpoint import state_from_bytes, state_to_bytes, write_atomic
 from sdfm.config import Config
 from sdfm.data import Dataset
 from sdfm.errors import UserError
@@ -143,8 +146,13 @@ def fit_potential(
     device: torch.device | str | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
+    state_path: Path | None = None,
 ) -> FitResult:
     """Fit g until χ̂² <= ``budget.target_chi2``, ``budget.max_steps`` or ``budget.max_seconds``.
+
+    With ``state_path``, the fit can be interrupted: SIGTERM saves the fitter's state there and raises
+    ``FitInterrupted``, and a later call with the same path continues from that state (its step count
+    and time budget go on; the χ̂² window starts afresh).
 
     Stop rule: the per-step χ̂² is noisy (``sdfm.semidiscrete.problem``), so the trigger is its mean
     over the last ``window`` steps (default: ``_default_window``) falling to the target; the potential
@@ -166,6 +174,20 @@ def fit_potential(
     if b.max_steps < 1:
         raise UserError(f"max_steps={b.max_steps} must be at least 1")
     fitter = PotentialFitter(y, options, labels=labels, sample_source=sample_source, device=device)
+    spent = 0.0
+    if state_path is not None and Path(state_path).is_file():
+        try:
+            saved = state_from_bytes(Path(state_path).read_bytes())
+            fitter.load_state_dict(saved["fitter"])
+            spent = float(saved["seconds"])
+            if log is not None:
+                log(f"potential: continuing the interrupted fit of {state_path} from step {fitter.t}")
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            if log is not None:
+                log(
+                    f"warning: interrupted fit state {state_path} is unreadable ({type(e).__name__}); fitting from zero"
+                )
+    stop = _TermFlag() if state_path is not None else None
     window = b.window or _default_window(fitter.n, fitter.batch_size, b.target_chi2)
     eval_generator = torch.Generator(device=fitter.problem.device).manual_seed(options.seed + 7_919)
     recent: deque[float] = deque(maxlen=window)
@@ -175,9 +197,17 @@ def fit_potential(
         from tqdm import tqdm
 
         bar = tqdm(total=b.max_steps, desc="potential", leave=False)
-    start = time.perf_counter()
+    start = time.perf_counter() - spent
     next_check, final_chi2, converged = window, math.nan, False
     while fitter.t < b.max_steps:
+        if stop is not None and stop.requested:
+            stop.restore()
+            state = {"fitter": fitter.state_dict(), "seconds": time.perf_counter() - start}
+            write_atomic(Path(state_path), state_to_bytes(state))
+            raise FitInterrupted(
+                f"SIGTERM during the potential fit: saved its state at step {fitter.t} to {state_path}; "
+                "`sdfm train --resume` continues the fit"
+            )
         info = fitter.step()
         recent.append(info["chi2"])
         mean = sum(recent) / len(recent)
@@ -203,6 +233,8 @@ def fit_potential(
             next_check = fitter.t + window
         if b.max_seconds is not None and seconds >= b.max_seconds:
             break
+    if stop is not None:
+        stop.restore()
     if bar is not None:
         bar.close()
     if not converged:
@@ -216,6 +248,27 @@ def fit_potential(
             f"({'reached' if converged else 'not reached'}: target {b.target_chi2})"
         )
     return FitResult(fitter.potential(), fitter.t, final_chi2, seconds, history, converged)
+
+
+class FitInterrupted(Exception):
+    """A fit stopped by SIGTERM after saving its state (the message says where)."""
+
+
+class _TermFlag:
+    """SIGTERM as a flag checked between fit steps (main thread only; elsewhere a no-op)."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
 
 
 @dataclass
@@ -276,10 +329,12 @@ def fit_and_save(
     *,
     device: torch.device | str | None = None,
     log: Callable[[str], None] | None = print,
+    state_path: Path | None = None,
 ) -> FitResult:
     """Fit the potential of a run's config over its data on ``device`` (the index, the noise draws and
     the SGD on g) and save it at ``path`` (version 1, with its χ̂², ε, PCA dimension and the data's
-    fingerprint): ``sdfm fit-potential`` and the fit before training."""
+    fingerprint): ``sdfm fit-potential`` and the fit before training. ``state_path``: where SIGTERM
+    saves an interrupted fit, and where the next call continues it from (deleted once saved)."""
     setup = fit_setup(cfg, data)
     result = fit_potential(
         data.x.flatten(1),
@@ -289,6 +344,7 @@ def fit_and_save(
         sample_source=setup.sample_source,
         device=device,
         log=log,
+        state_path=state_path,
     )
     save_potential(
         path,
@@ -300,4 +356,6 @@ def fit_and_save(
         fingerprint=data.fingerprint,
         pca_dim=setup.options.pca_dim,
     )
+    if state_path is not None:
+        Path(state_path).unlink(missing_ok=True)
     return result
