@@ -97,6 +97,7 @@ class FitPotentialCommand:
         from sdfm.distributed.env import DistEnv, potential_device
         from sdfm.monitor import info
         from sdfm.semidiscrete import fit_and_save
+        from sdfm.semidiscrete.fit import describe_chi2
 
         if self.out.suffix != ".safetensors":
             raise UserError(f"--out {self.out} must end in .safetensors: where to save the potential")
@@ -110,8 +111,8 @@ class FitPotentialCommand:
         device = potential_device(DistEnv(), cfg)
         res = fit_and_save(cfg, data, self.out, device=device, log=info)
         info(
-            f"saved {self.out}: {res.steps} steps, {res.seconds:.1f} s, chi2 {res.chi2:.4g} "
-            f"({'converged' if res.converged else 'budget reached'})"
+            f"saved {self.out}: {res.steps} steps, {res.seconds:.1f} s, "
+            f"{describe_chi2(res.chi2, res.chi2_se, cfg.potential.target_chi2)}"
         )
 
 

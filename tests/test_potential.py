@@ -317,3 +317,26 @@ def test_load_errors_name_the_file_and_the_fix(tmp_path):
         load_potential(good, expected_n=60)
     with pytest.raises(UserError, match="good.safetensors was fitted on data with fingerprint abc123"):
         load_potential(good, expected_fingerprint="fff000")
+
+
+def test_the_stop_rule_needs_a_confirming_bound_and_its_message_cannot_contradict_itself():
+    from sdfm.semidiscrete.fit import Z_ONE_SIDED_95, describe_chi2
+
+    # Without an evaluation the fit never stops on its own noisy batches: it runs the whole budget.
+    result = fit_potential(
+        _points(), FitterOptions(batch_size=256), FitBudget(max_steps=400, eval_samples=0), log=None
+    )
+    assert result.steps == 400 and not result.converged and math.isnan(result.chi2_se)
+    # With one, it stops only when χ̂² + 1.645 SE is below the target, and says so consistently.
+    lines: list[str] = []
+    result = fit_potential(
+        _points(),
+        FitterOptions(batch_size=256),
+        FitBudget(max_steps=3000, target_chi2=0.05),
+        log=lines.append,
+    )
+    assert result.converged and result.chi2_se > 0
+    assert result.chi2 + Z_ONE_SIDED_95 * result.chi2_se <= 0.05
+    assert "target met" in lines[-1] and "±" in lines[-1]
+    assert "target not met" in describe_chi2(0.0052, 0.004, 0.01)  # below the target, bound above it
+    assert "target met" in describe_chi2(0.0052, 0.001, 0.01)

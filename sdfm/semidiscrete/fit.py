@@ -95,7 +95,8 @@ class FitBudget:
             paper saw generation quality saturate).
         max_seconds: wall-time budget (None: no limit).
         window: steps in the windowed mean of the stop test (None: automatic).
-        eval_samples: noise samples of the confirming evaluation (0: trust the windowed mean).
+        eval_samples: noise samples of the confirming evaluation (0: no evaluation, so the fit never
+            stops early on χ̂² and runs its whole budget; the reported χ̂² is then the windowed mean).
         log_every: steps between log lines and history entries.
     """
 
@@ -118,7 +119,9 @@ class FitResult:
             per-step χ̂² when ``eval_samples=0``.
         seconds: wall time of the fit (evaluations included).
         history: (step, seconds, windowed mean of the per-step χ̂²) every ``log_every`` steps.
-        converged: whether the target χ̂² was reached (confirmed on the evaluation sample).
+        converged: whether the target χ̂² was reached: the one-sided 95% upper bound of the
+            evaluation's χ̂² (``chi2 + 1.645 chi2_se``) is at most the target.
+        chi2_se: standard error of ``chi2`` (NaN without an evaluation).
     """
 
     g: Tensor
@@ -127,6 +130,7 @@ class FitResult:
     seconds: float
     history: list[tuple[int, float, float]] = field(default_factory=list)
     converged: bool = False
+    chi2_se: float = math.nan
 
 
 def _default_window(n: int, batch: int, target: float) -> int:
@@ -158,7 +162,9 @@ def fit_potential(
     over the last ``window`` steps (default: ``_default_window``) falling to the target; the potential
     actually returned (the EMA or the average, not the last iterate) is then evaluated on
     ``eval_samples`` fresh noise samples from a separate generator and the fit stops only if that
-    confirms the target. After a failed confirmation the next one waits another ``window`` steps.
+    confirms the target with its error bar: χ̂² + 1.645 SE <= target (a one-sided 95% bound;
+    ``describe_chi2`` words the outcome). After a failed confirmation the next one waits another
+    ``window`` steps. Without an evaluation (``eval_samples = 0``) the fit never stops early.
 
     Args:
         y: (N, d) points.
@@ -198,7 +204,7 @@ def fit_potential(
 
         bar = tqdm(total=b.max_steps, desc="potential", leave=False)
     start = time.perf_counter() - spent
-    next_check, final_chi2, converged = window, math.nan, False
+    next_check, final_chi2, final_se, converged = window, math.nan, math.nan, False
     while fitter.t < b.max_steps:
         if stop is not None and stop.requested:
             stop.restore()
@@ -222,12 +228,11 @@ def fit_potential(
                     f"potential step {fitter.t} chi2 {info['chi2']:.4f} chi2_mean{window} {mean:.4f} "
                     f"eps {info['epsilon']:.3g} lr {info['lr']:.3g} {fitter.t / seconds:.1f} steps/s"
                 )
-        if len(recent) == window and mean <= b.target_chi2 and fitter.t >= next_check:
-            if b.eval_samples <= 0:
-                final_chi2, converged = mean, True
-                break
-            final_chi2 = fitter.evaluate(b.eval_samples, eval_generator)
-            if final_chi2 <= b.target_chi2:
+        if len(recent) == window and mean <= b.target_chi2 and fitter.t >= next_check and b.eval_samples > 0:
+            # Stop only when a held-out evaluation confirms the target with its error bar: the
+            # one-sided 95% upper bound of χ̂² must be below it (never a negative or lone estimate).
+            final_chi2, final_se = fitter.evaluate_with_error(b.eval_samples, eval_generator)
+            if final_chi2 + Z_ONE_SIDED_95 * final_se <= b.target_chi2:
                 converged = True
                 break
             next_check = fitter.t + window
@@ -238,16 +243,33 @@ def fit_potential(
     if bar is not None:
         bar.close()
     if not converged:
-        final_chi2 = fitter.evaluate(b.eval_samples, eval_generator) if b.eval_samples > 0 else mean
+        final_chi2, final_se = (
+            fitter.evaluate_with_error(b.eval_samples, eval_generator)
+            if b.eval_samples > 0
+            else (mean, math.nan)
+        )
     seconds = time.perf_counter() - start
     if not history or history[-1][0] != fitter.t:
         history.append((fitter.t, seconds, mean))
     if log is not None:
         log(
-            f"potential fit: {fitter.t} steps in {seconds:.1f} s, chi2 {final_chi2:.4f} "
-            f"({'reached' if converged else 'not reached'}: target {b.target_chi2})"
+            f"potential fit: {fitter.t} steps in {seconds:.1f} s, {describe_chi2(final_chi2, final_se, b.target_chi2)}"
         )
-    return FitResult(fitter.potential(), fitter.t, final_chi2, seconds, history, converged)
+    return FitResult(fitter.potential(), fitter.t, final_chi2, seconds, history, converged, final_se)
+
+
+Z_ONE_SIDED_95 = 1.645
+"""Standard-normal quantile of the one-sided 95% upper bound used by the stop rule."""
+
+
+def describe_chi2(chi2: float, se: float, target: float) -> str:
+    """One phrase stating the confirmed χ̂², its standard error and whether the target was met,
+    in words that cannot contradict each other (the rule is the one-sided 95% bound)."""
+    if math.isnan(se):
+        return f"chi2 {chi2:.4f} (windowed mean of the fit's own batches, not confirmed: eval_samples = 0)"
+    bound = chi2 + Z_ONE_SIDED_95 * se
+    verdict = "target met" if bound <= target else "target not met"
+    return f"chi2 {chi2:.4f} ± {se:.4f} (95% upper bound {bound:.4f}; {verdict}: target {target})"
 
 
 class FitInterrupted(Exception):

@@ -278,3 +278,7 @@ class PotentialFitter:
         samples drawn from ``generator`` (``SemidiscreteProblem.evaluate``)."""
         g = self.potential() if g is None else g
         return self.problem.evaluate(g, self.epsilon, num_samples, generator)
+
+    def evaluate_with_error(self, num_samples: int, generator: torch.Generator) -> tuple[float, float]:
+        """(χ̂², standard error) of ``potential()`` (``SemidiscreteProblem.evaluate_with_error``)."""
+        return self.problem.evaluate_with_error(self.potential(), self.epsilon, num_samples, generator)
