@@ -90,7 +90,7 @@ def test_resume_is_exact_in_low_precision(tmp_path, precision):
     if precision == "fp16":
         assert resumed.scaler.is_enabled()
         assert resumed.scaler.state_dict() == full.scaler.state_dict()
-        assert (tmp_path / "b" / "checkpoints" / "step-00000020" / "scaler.pt").is_file()
+        assert (tmp_path / "b" / "checkpoints" / "step-00000020" / "scaler.safetensors").is_file()
 
 
 @pytest.mark.slow
