@@ -42,7 +42,8 @@ class DataConfig:
     num_points: int = 20000
     """Number of training points generated for synthetic sets (ignored for real data)."""
     num_eval: int = 2000
-    """Held-out points for evaluation, never trained on (at most a fifth of a dataset without a test split)."""
+    """Held-out points for evaluation, never trained on (at most a fifth of a dataset without a test split;
+    0: no held-out split, every point trains and fits the potential, and evaluation is refused)."""
     max_points: int = 0
     """Use at most this many training points (0 = all), e.g. a Fashion-MNIST subset on a small CPU."""
     conditional: bool = False
@@ -398,7 +399,17 @@ def validate(cfg: Config) -> Config:
     need(0 <= m.dropout < 1, "model.dropout", m.dropout, "in [0, 1)")
     need(m.head_channels >= 1, "model.head_channels", m.head_channels, ">= 1")
     need(c.data.num_points >= 2, "data.num_points", c.data.num_points, ">= 2")
-    need(c.data.num_eval >= 2, "data.num_eval", c.data.num_eval, ">= 2")
+    need(
+        c.data.num_eval == 0 or c.data.num_eval >= 2,
+        "data.num_eval",
+        c.data.num_eval,
+        ">= 2, or 0 for no held-out split",
+    )
+    if c.data.num_eval == 0 and c.train.eval_at_end:
+        raise UserError(
+            "data.num_eval = 0 leaves no held-out data for train.eval_at_end; set train.eval_at_end = false "
+            "or hold some points out (data.num_eval >= 2)"
+        )
     need(c.data.max_points >= 0, "data.max_points", c.data.max_points, ">= 0")
     need(c.data.name != "file" or bool(c.data.path), "data.path", c.data.path, "set when data.name = 'file'")
     need(

@@ -160,6 +160,11 @@ def evaluate(run: LoadedRun, *, num_samples: int, nfe: list[int], dopri5: bool, 
     Returns:
         {"step", "num_samples", "rows": [{"solver", "nfe", metric...}], "flow": {...}, "picture": ...}
     """
+    if len(run.data.x_eval) == 0:
+        raise UserError(
+            f"{run.run_dir} was trained with data.num_eval = 0: it has no held-out data to evaluate against; "
+            "sample it with `sdfm sample`, or train with data.num_eval >= 2"
+        )
     from sdfm.metrics import flow_stats, normalized_path_energy, wasserstein2
     from sdfm.semidiscrete.velocity import velocity_gap
 

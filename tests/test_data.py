@@ -131,3 +131,12 @@ def test_data_stream_resumes_exactly():
     assert len(set(torch.cat(seq[:3]).tolist())) == 9
     with pytest.raises(UserError, match="batch_size"):
         DataStream(2, 3, seed=0)
+
+
+def test_num_eval_zero_trains_on_every_point():
+    from sdfm.config import DataConfig
+    from sdfm.data import load_dataset
+
+    full = load_dataset(DataConfig(name="digits", num_eval=0))
+    assert len(full) == 1797 and full.x_eval.shape == (0, *full.shape) and full.num_classes == 10
+    assert len(load_dataset(DataConfig(name="digits"))) < 1797

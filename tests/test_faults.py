@@ -188,6 +188,13 @@ def foreign_folder(run: Path, tmp: Path) -> None:
     (tmp / "other" / "notes.txt").write_text("mine")
 
 
+def run_without_held_out(run: Path, tmp: Path) -> None:
+    assert (
+        run_cli(["train", "--run-dir", tmp / "noeval", *TINY, "--data.num-eval", "0", "--train.steps", "2"])
+        == 0
+    )
+
+
 def no_marker(run: Path, tmp: Path) -> None:
     assert not (tmp / "pwned.txt").exists(), "the pickle payload ran"
 
@@ -254,6 +261,9 @@ CASES = [
          2, r"data\.source_path .*shape", wrong_shape_source, check=absent("new")),
     Case("missing-data-file", ["train", "--run-dir", "{tmp}/new", *TINY, "--data.name", "file", "--data.path", "{tmp}/none.npy"],
          2, r"data\.path .*does not exist"),
+    Case("no-held-out-with-eval-at-end", ["train", "--run-dir", "{tmp}/new", *TINY, "--data.num-eval", "0",
+         "--train.eval-at-end", "True"], 2, r"data\.num_eval = 0 leaves no held-out data", check=absent("new")),
+    Case("eval-without-held-out", ["eval", "--run-dir", "{tmp}/noeval"], 2, r"no held-out data", run_without_held_out),
     Case("zero-target-chi2", ["train", "--run-dir", "{tmp}/new", *TINY, "--potential.target-chi2", "0"], 2, r"target_chi2"),
     # --- damaged checkpoints: skipped with a warning, the previous complete one resumes
     Case("corrupt-model-rehashed", [*RESUME, "--train.steps", "30"], 0, FALLBACK, corrupt_model, "", resumed_from_10),

@@ -71,7 +71,11 @@ class Dataset:
 
 
 def _split(x: np.ndarray, labels: np.ndarray | None, num_eval: int, seed: int, what: str):
-    """Hold out min(num_eval, N // 5) points chosen by a seeded permutation."""
+    """Hold out min(num_eval, N // 5) points chosen by a seeded permutation (num_eval = 0: none, every
+    point trains)."""
+    if num_eval == 0:
+        none = np.zeros((0, *x.shape[1:]), x.dtype)
+        return x, labels, none, None if labels is None else labels[:0]
     num_eval = min(num_eval, len(x) // 5)
     if num_eval < 2:
         raise UserError(
@@ -132,7 +136,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         labels_eval=None if labels_eval is None else torch.from_numpy(labels_eval),
         num_classes=0
         if labels is None
-        else int(max(labels.max(), labels_eval.max() if labels_eval is not None else 0)) + 1,
+        else int(max(labels.max(), labels_eval.max() if labels_eval is not None and len(labels_eval) else 0))
+        + 1,
         fingerprint=fingerprint(xt, lt) if source.points is None else fingerprint(xt, lt, source.points),
         source=source,
     )
