@@ -520,3 +520,24 @@ def test_a_worker_of_its_own_job_stops_once_the_trainer_it_saw_goes_silent(tmp_p
     alive.checked = 0.0
     assert alive.gone() and "no trainer heartbeat" in logs[-1]
     assert not _Liveness(tmp_path, parent=0, timeout_s=0.0, log=logs.append).gone()  # 0: never
+
+
+def test_a_checkpoint_of_the_old_torch_save_layout_still_resumes(base_run, tmp_path, capsys):
+    """Layout version 2 stored optimizer and scheduler with torch.save; it is read with weights_only."""
+    from sdfm.checkpoint import state_from_bytes
+
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    d = step20(run)
+    state = json.loads((d / "trainer_state.json").read_text())
+    for stem in ("optimizer", "scheduler"):
+        obj = state_from_bytes((d / f"{stem}.safetensors").read_bytes())
+        torch.save(obj, d / f"{stem}.pt")
+        (d / f"{stem}.safetensors").unlink()
+        state["files"].pop(f"{stem}.safetensors")
+        state["files"][f"{stem}.pt"] = hashlib.sha256((d / f"{stem}.pt").read_bytes()).hexdigest()
+    state["version"] = 2
+    (d / "trainer_state.json").write_text(json.dumps(state))
+    assert run_cli(["train", "--run-dir", run, "--resume", "--train.steps", "30"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "step-00000020" in err and "skipping" not in err
