@@ -418,5 +418,5 @@ def sample_to_file(args) -> Path:
             else scatter_2d(res.x[:, :2], run.data.x_eval[:, :2])
         )
         save_png(pic, out)
-    info(f"wrote {args.num} samples ({args.solver}, {res.nfe} NFE, step {run.step}) to {out}")
+    info(f"wrote {args.num} samples ({solver}, {res.nfe} NFE, step {run.step}) to {out}")
     return out

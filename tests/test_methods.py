@@ -120,7 +120,7 @@ def test_a_trained_mean_flow_one_step_map_is_the_closed_form():
     gen = torch.Generator().manual_seed(4)
 
     def u(m):
-        return lambda x, a, b: m(a, x, None, horizon=b - a)
+        return lambda x, a, b, lab=None: m(a, x, lab, horizon=b - a)
 
     for _ in range(1500):
         x0 = torch.randn(1024, 1, generator=gen)
@@ -458,8 +458,9 @@ def test_meanflow_and_velocity_runs_refuse_each_others_samplers(tmp_path):
 
 
 def test_meanflow_loss_runs_through_the_unet_with_attention():
-    """The JVP goes through GroupNorm, convolutions and (math-kernel) attention of the U-Net, and
-    every parameter gets a gradient from the loss's own forward pass."""
+    """The JVP goes through GroupNorm, convolutions and (math-kernel) attention of the U-Net, every
+    parameter gets a gradient from the loss's own forward pass, and a class-conditional batch
+    whose rows are partly apart works (the JVP rows get their own labels)."""
     from sdfm.config import ModelConfig
     from sdfm.models import build_model
 
@@ -472,10 +473,20 @@ def test_meanflow_loss_runs_through_the_unet_with_attention():
     x0, x1 = torch.randn(4, 1, 8, 8, generator=gen), torch.randn(4, 1, 8, 8, generator=gen)
     s, t = meanflow_times(torch.randn(4, 3, generator=gen), ratio=1.0, mean=0.0, std=1.0)
 
-    def u(x, a, b):
-        return model(a, x, None, horizon=b - a)
+    def u(x, a, b, lab):
+        return model(a, x, lab, horizon=b - a)
 
     loss, metrics = meanflow_loss(u, u, x0, x1, s, t, power=1.0, c=1e-3)
     loss.backward()
     assert math.isfinite(float(loss.detach())) and metrics["mf_apart"] == 1.0
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    # Class-conditional, with only some rows apart: the JVP sees those rows' labels.
+    cond = build_model(cfg, (1, 8, 8), 3)
+    s, t = meanflow_times(torch.randn(4, 3, generator=gen), ratio=0.5, mean=0.0, std=1.0)
+    s[0], t[0], s[1], t[1] = 0.2, 0.7, 0.5, 0.5  # one row apart, one not, whatever the draw
+
+    def uc(x, a, b, lab):
+        return cond(a, x, lab, horizon=b - a)
+
+    loss, _ = meanflow_loss(uc, uc, x0, x1, s, t, power=1.0, c=1e-3, labels=torch.tensor([0, 1, 2, 1]))
+    assert math.isfinite(float(loss.detach()))

@@ -69,11 +69,12 @@ class Method:
             )
 
             def through(model):
-                return lambda x, a, b: model(a, x, labels, horizon=b - a)
+                return lambda x, a, b, lab: model(a, x, lab, horizon=b - a)
 
             return meanflow_loss(
-                through(forward), through(bare), pairs.x0, pairs.x1, s, t_end, power=c.mf_power, c=c.mf_c
-            )
+                through(forward), through(bare), pairs.x0, pairs.x1, s, t_end,
+                power=c.mf_power, c=c.mf_c, labels=labels,
+            )  # fmt: skip
         sample = self.path.sample(pairs.x0, pairs.x1, t, pairs.v0, pairs.v1)
         pred = forward(sample.t, sample.x_t, labels)
         loss = F.mse_loss(pred.float(), sample.dx_t)

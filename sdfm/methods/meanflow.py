@@ -32,6 +32,8 @@ __all__ = ["meanflow_loss", "meanflow_sample", "meanflow_target", "meanflow_time
 
 MeanFlowFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 """u(x, s, t) -> (B, *shape) average velocity over [s, t]."""
+LabelledMeanFlowFn = Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
+"""u(x, s, t, labels) -> (B, *shape): the same for the (B,) class labels of the rows (or None)."""
 
 
 def meanflow_times(normals: Tensor, ratio: float, mean: float, std: float) -> tuple[Tensor, Tensor]:
@@ -67,8 +69,8 @@ def meanflow_target(u: MeanFlowFn, x_s: Tensor, s: Tensor, t: Tensor, w: Tensor)
 
 
 def meanflow_loss(
-    forward: MeanFlowFn,
-    bare: MeanFlowFn,
+    forward: LabelledMeanFlowFn,
+    bare: LabelledMeanFlowFn,
     x0: Tensor,
     x1: Tensor,
     s: Tensor,
@@ -76,14 +78,16 @@ def meanflow_loss(
     *,
     power: float,
     c: float,
+    labels: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The adaptively weighted mean-flow loss of one batch and its metrics.
 
     Args:
-        forward: u_θ through the training wrapper (gradients flow); bare: the same function on the
-            bare module (for the JVP).
+        forward: u_θ(x, s, t, labels) through the training wrapper (gradients flow); bare: the same
+            function on the bare module (for the JVP, which only sees the rows with s < t).
         x0, x1: (B, *shape) the coupling's pairs; s, t: (B,) times, s <= t.
         power, c: the adaptive weight ‖Δ‖² / (‖Δ‖² + c)^p (p = 0: plain squared error).
+        labels: (B,) class labels of a conditional model, or None.
 
     Returns:
         (loss, {"mf_mse": mean ‖Δ‖² per coordinate, "mf_apart": share of rows with s < t}).
@@ -95,8 +99,10 @@ def meanflow_loss(
     apart = s < t
     if bool(apart.any()):
         rows = apart.nonzero().squeeze(1)
-        target[rows] = meanflow_target(bare, x_s[rows], s[rows], t[rows], w[rows]).to(target.dtype)
-    pred = forward(x_s, s, t).float()
+        lab = None if labels is None else labels[rows]
+        u = lambda x, a, b: bare(x, a, b, lab)  # noqa: E731
+        target[rows] = meanflow_target(u, x_s[rows], s[rows], t[rows], w[rows]).to(target.dtype)
+    pred = forward(x_s, s, t, labels).float()
     err = (pred - target).pow(2).flatten(1).sum(1)
     weight = (err.detach() + c).pow(-power) if power > 0 else torch.ones_like(err)
     loss = (weight * err).mean()
