@@ -79,6 +79,15 @@ def machine_info() -> dict[str, str | int]:
     return info | {"faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads()}
 
 
+def start_machine(threads: int, **extra: Any) -> dict:
+    """Pin the threads (``set_threads``), print the machine line every benchmark starts with, and
+    return that description (``machine_info`` plus ``extra``, e.g. the device)."""
+    set_threads(threads)
+    machine = machine_info() | extra
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
+    return machine
+
+
 def write_json(path: Path, machine: dict, args: Any, **results: Any) -> None:
     """Write a benchmark's machine, options (a dataclass) and results to ``path`` (the --json option)."""
     path.parent.mkdir(parents=True, exist_ok=True)

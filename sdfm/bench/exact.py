@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdfm.bench.common import machine_info, set_threads, timed, write_json
+from sdfm.bench.common import start_machine, timed, write_json
 from sdfm.ot.exact import choose_solver, exact_ot_assignment
 
 METHODS = ("sdfm lsa", "sdfm emd", "sdfm auto", "pot emd")
@@ -50,9 +50,7 @@ class ExactBench:
     """Write all rows to this JSON file."""
 
     def run(self) -> int:
-        set_threads(self.threads)
-        machine = machine_info()
-        print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
+        machine = start_machine(self.threads)
         rows = run(self)
         if self.json is not None:
             write_json(self.json, machine, self, rows=rows)

@@ -61,7 +61,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from sdfm.bench.common import default_device, machine_info, set_threads, sync, timed, triton_skip, write_json
+from sdfm.bench.common import (
+    default_device,
+    start_machine,
+    sync,
+    timed,
+    triton_skip,
+    write_json,
+)
 from sdfm.bench.peers import PlainIndex
 from sdfm.semidiscrete import FitterOptions, MatchIndex, PotentialFitter
 from sdfm.semidiscrete.backends import TorchBlock
@@ -118,9 +125,7 @@ class MatchBench:
 
     def run(self) -> int:
         """Run the benchmark, print a table, optionally write JSON; returns the exit code."""
-        set_threads(self.threads)
-        machine = machine_info() | {"device": self.device}
-        print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
+        machine = start_machine(self.threads, device=self.device)
         rows = run(self)
         if self.json is not None:
             write_json(self.json, machine, self, rows=rows)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from sdfm.bench.common import machine_info, set_threads, write_json
+from sdfm.bench.common import start_machine, write_json
 from sdfm.config import Config, validate
 from sdfm.monitor import set_main_process
 
@@ -53,9 +53,7 @@ class OverheadBench:
     """Write all rows to this JSON file."""
 
     def run(self) -> int:
-        set_threads(self.threads)
-        machine = machine_info()
-        print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
+        machine = start_machine(self.threads)
         rows = run(self)
         if self.json is not None:
             write_json(self.json, machine, self, rows=rows)

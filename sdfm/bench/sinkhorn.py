@@ -63,7 +63,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from sdfm.bench.common import default_device, machine_info, set_threads, timed, triton_skip, write_json
+from sdfm.bench.common import (
+    default_device,
+    start_machine,
+    timed,
+    triton_skip,
+    write_json,
+)
 from sdfm.bench.peers import Method, Solve, flash_sinkhorn, geomloss_sinkhorn, pot_sinkhorn
 from sdfm.errors import UserError
 from sdfm.ot.reductions import SUPPORTED
@@ -119,9 +125,7 @@ class SinkhornBench:
 
     def run(self) -> int:
         """Run the benchmark, print a table, optionally write JSON; returns the exit code."""
-        set_threads(self.threads)
-        machine = machine_info() | {"device": self.device}
-        print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
+        machine = start_machine(self.threads, device=self.device)
         if self.ranks:
             if min(self.ranks) < 1:
                 raise UserError(f"--ranks must be positive rank counts, got {self.ranks}")

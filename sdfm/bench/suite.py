@@ -49,7 +49,13 @@ from typing import Literal
 import torch
 
 from sdfm.bench import match, sinkhorn
-from sdfm.bench.common import default_device, machine_info, set_threads, sync, timed, write_json
+from sdfm.bench.common import (
+    default_device,
+    start_machine,
+    sync,
+    timed,
+    write_json,
+)
 from sdfm.config import ModelConfig
 from sdfm.models.unet import CIFAR10_UNET
 
@@ -475,10 +481,8 @@ def _print_tables(
 def _main(options: SuiteBench) -> int:
     w = WORKLOADS[options.workload]
     args = dataclasses.replace(options, budget=options.budget or w.budget)
-    set_threads(args.threads)
     device = torch.device(args.device)
-    machine = machine_info() | {"device": str(device)}
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
+    machine = start_machine(args.threads, device=str(device))
     start = time.perf_counter()
     peak, peak_label = device_peak(device, w.peak_size)
     print(f"workload {args.workload}: {peak_label}")
