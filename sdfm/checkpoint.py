@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load, save
 
 from sdfm.errors import UserError
@@ -211,6 +212,11 @@ class Checkpoint:
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The tensors of ``name.safetensors`` (verified when the checkpoint was opened)."""
         return load((self.path / f"{name}.safetensors").read_bytes())
+
+    def shapes(self, name: str) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the tensors of ``name.safetensors``, from its header alone."""
+        with safe_open(str(self.path / f"{name}.safetensors"), "pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
 
     def has(self, filename: str) -> bool:
         """Whether the checkpoint recorded (and verified) the file ``filename``."""

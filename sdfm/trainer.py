@@ -473,9 +473,8 @@ class Trainer:
                 f"configured data has {self.data.fingerprint}; resume with the run's own data config"
             )
         for name in ("model", "ema"):
-            saved = {k: tuple(v.shape) for k, v in ckpt.tensors(name).items()}
             ours = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
-            if saved != ours:
+            if ckpt.shapes(name) != ours:
                 raise ValueError(
                     f"{name}.safetensors does not hold this model's parameters (names or shapes differ)"
                 )
