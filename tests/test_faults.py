@@ -420,9 +420,7 @@ def test_a_second_trainer_on_a_live_run_is_refused_with_the_holder(tmp_path):
     run = tmp_path / "run"
     first = _train_proc(run, 100000, "--train.log-every", "1000")
     try:
-        deadline = time.time() + 120
-        while not (run / "config.toml").is_file() and time.time() < deadline:
-            time.sleep(0.2)
+        _wait_until(lambda: (run / "config.toml").is_file(), 120)
         second = subprocess.run(
             [sys.executable, "-m", "sdfm", "train", "--run-dir", str(run), "--resume"],
             capture_output=True, text=True, timeout=120,
@@ -438,6 +436,13 @@ def test_a_second_trainer_on_a_live_run_is_refused_with_the_holder(tmp_path):
     again = _train_proc(run, done + 5, resume=True)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out
+
+
+def _wait_until(condition: Callable[[], bool], seconds: float) -> None:
+    """Poll ``condition`` until it holds or ``seconds`` pass (the caller asserts what it needs)."""
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.2)
 
 
 def _latest_step(run: Path) -> int:
@@ -461,16 +466,12 @@ def test_a_spawned_worker_dies_with_its_sigkilled_trainer_and_resume_starts_one_
           "--potential.publish-every", "5", "--train.log-every", "1000"]  # fmt: skip
     trainer = _train_proc(run, 100000, *sd)
     lock = run / "potential" / ".lock"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (lock.is_file() and lock.read_text().strip()):
-        time.sleep(0.2)
+    _wait_until(lambda: lock.is_file() and bool(lock.read_text().strip()), 120)
     worker_pid = json.loads(lock.read_text())["pid"]
     assert _alive(worker_pid)
     trainer.send_signal(signal.SIGKILL)
     trainer.wait(timeout=60)
-    deadline = time.time() + 30
-    while time.time() < deadline and _alive(worker_pid):
-        time.sleep(0.2)
+    _wait_until(lambda: not _alive(worker_pid), 30)
     assert not _alive(worker_pid), "the spawned worker outlived its trainer"
     done = _latest_step(run)
     again = _train_proc(run, done + 5, *sd, resume=True)
