@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 
 from sdfm import amp
 from sdfm import config as config_mod
-from sdfm.checkpoint import CheckpointManager
+from sdfm.checkpoint import CheckpointManager, save_tensors, write_atomic
 from sdfm.config import Config
 from sdfm.couplings import check_coupling_config
 from sdfm.couplings.base import Pairs
@@ -178,7 +177,7 @@ class Trainer:
     def _learned_schedule(self):
         """The learned path's schedule: fitted on rank 0 at the first start and kept in the run folder
         (``schedule.safetensors``), loaded at later starts; every rank gets rank 0's."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         from sdfm.methods.schedule import MonotoneSchedule, fit_schedule
 
@@ -200,9 +199,7 @@ class Trainer:
                 )  # fmt: skip
                 state = fit.schedule.state_dict()
                 meta = {"straightness_before": f"{fit.before:.6g}", "straightness_after": f"{fit.after:.6g}"}
-                tmp = path.with_suffix(".tmp")
-                save_file(state, tmp, metadata=meta)
-                os.replace(tmp, path)
+                write_atomic(path, save_tensors(state, meta))
                 info(
                     f"learned path: straightness {fit.before:.4g} (linear) -> {fit.after:.4g} in {fit.seconds:.0f} s"
                 )
