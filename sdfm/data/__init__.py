@@ -138,7 +138,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         if labels is None
         else int(max(labels.max(), labels_eval.max() if labels_eval is not None and len(labels_eval) else 0))
         + 1,
-        fingerprint=fingerprint(xt, lt) if source.points is None else fingerprint(xt, lt, source.points),
+        fingerprint=fingerprint(xt, lt, source.points),
         source=source,
     )
 
