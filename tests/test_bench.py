@@ -158,3 +158,24 @@ def test_potential_bench_runs_a_two_rank_fit(tmp_path):
         steps = [r["steps"] for r in run["rows"]]
         assert steps == sorted(steps) and steps[0] >= 1 and all(math.isfinite(r["chi2"]) for r in run["rows"])
         assert run["rows"][-1]["seconds"] >= 1.0
+
+
+def test_quality_bench_runs_every_method_cell_and_refuses_a_negative_fine_tune(tmp_path, capsys):
+    """The cells of ``--methods``, ``--finetune-steps`` (OAT beside its control) at a toy size."""
+    import json
+
+    from sdfm.bench.quality import QualityBench
+    from sdfm.errors import UserError
+
+    out = tmp_path / "rows.json"
+    bench = QualityBench(
+        steps=6, batch_size=32, tasks=["8gaussians"], couplings=["independent"], methods=["fm", "meanflow"],
+        finetune_steps=4, nfe=[1], out=tmp_path / "runs", json=out,
+    )  # fmt: skip
+    assert bench.run() == 0
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["fm", "fm +4 (control)", "oat +4", "meanflow"]
+    assert all(r["metric"] == "w2" and r["nfe1"] > 0 for r in rows)
+    assert "| 8gaussians | independent | oat +4 | w2 |" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--finetune-steps must be >= 0"):
+        QualityBench(finetune_steps=-1, out=tmp_path / "x").run()
