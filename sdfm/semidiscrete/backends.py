@@ -43,9 +43,11 @@ def faiss_gpu_available() -> bool:
     return "GPU" in faiss.get_compile_options() and faiss.get_num_gpus() > 0
 
 
-_CPU_SCORES = 1 << 22
-"""On a CPU, at most this many scores (16 MB) per chunk: a (B, chunk) block that stays in cache is
-written and re-read faster (measured 1.5x at B = 4,096, d = 64 against 8,192-row chunks)."""
+_CPU_SCORES = 1 << 19
+"""On a CPU, at most this many scores (2 MB) per chunk: a (B, chunk) block that stays in the core's
+cache is written and re-read far faster. Measured on one thread of a 2-core EPYC, search of 1,024
+queries: 2-D, N = 20,000: 21 ms vs 87 ms with 16 MB chunks; d = 64, N = 10,000: 26 vs 71 ms;
+d = 784: equal (the products dominate there)."""
 
 
 class Certified:
