@@ -54,27 +54,34 @@ from sdfm.bench.peers import pot_semidiscrete
 from sdfm.ot.collectives import LOCAL, Collectives
 from sdfm.semidiscrete import PCA, Chi2Evaluator, FitterOptions, PotentialFitter
 
-METHODS = ("sgd_ema", "averaged_sgd", "pot")
+METHODS = ("sgd_tail", "sgd_ema", "averaged_sgd", "pot")
+SYNTHETIC = ("8gaussians", "moons", "checkerboard")
 
 
 @dataclass(kw_only=True)
 class PotentialBench:
     """Fitting the semidiscrete potential: χ̂² against steps and wall time, sdfm beside POT."""
 
-    data: Literal["digits", "fashion-mnist", "gaussian"] = "digits"
-    """Dataset."""
+    data: Literal["digits", "fashion-mnist", "gaussian", "8gaussians", "moons", "checkerboard"] = "digits"
+    """Dataset (8gaussians, moons, checkerboard: 2-D sets of --points samples)."""
     max_points: int = 0
     """Random subset of this many points (0: all)."""
     pca_dim: int = 0
     """Solve in the top principal components (0: no PCA)."""
+    points: int = 20000
+    """Samples of a 2-D set (8gaussians, moons, checkerboard), drawn with --seed."""
     gaussian_n: int = 5000
     """Points of --data gaussian."""
     gaussian_d: int = 64
     """Dimension of --data gaussian."""
-    methods: list[Literal["sgd_ema", "averaged_sgd", "pot"]] = field(default_factory=lambda: list(METHODS))
+    methods: list[Literal["sgd_tail", "sgd_ema", "averaged_sgd", "pot"]] = field(
+        default_factory=lambda: list(METHODS)
+    )
     """Methods to run."""
     budget: float = 60.0
-    """Wall-time seconds per method."""
+    """Wall-time seconds per method (with --at: the largest of those times)."""
+    at: list[float] = field(default_factory=list)
+    """Wall times (s) at which each sdfm fit is snapshotted, e.g. 5 30 60 240 (empty: budget/2^k)."""
     batch_size: int = 1024
     """Noise samples per step (all methods)."""
     epsilon: float = 0.0
@@ -82,7 +89,7 @@ class PotentialBench:
     eval_samples: int = 8192
     """Noise samples of the shared evaluator."""
     checkpoints: int = 8
-    """Snapshots per sdfm run (times budget/2^k)."""
+    """Snapshots per sdfm run (times budget/2^k) when --at is empty."""
     target: float = 0.05
     """χ̂² level whose first crossing is reported."""
     threads: int = 0
@@ -110,6 +117,10 @@ def _load(args: PotentialBench) -> tuple[str, Tensor]:
     elif args.data == "fashion-mnist":
         x, _ = files.load_fashion_mnist("train")
         y = torch.from_numpy(x).flatten(1)
+    elif args.data in SYNTHETIC:
+        from sdfm.data.synthetic import SETS
+
+        y = SETS[args.data](args.points, gen)
     else:
         y = torch.randn(args.gaussian_n, args.gaussian_d, generator=gen)
     if 0 < args.max_points < len(y):
@@ -121,13 +132,18 @@ def _load(args: PotentialBench) -> tuple[str, Tensor]:
 def _run_sdfm(
     method: str, keys: Tensor, args: PotentialBench, comm: Collectives = LOCAL
 ) -> tuple[list[dict], list[Tensor], dict]:
-    """Fit for ``args.budget`` seconds, snapshotting ``potential()`` at budget/2^k without stopping the
+    """Fit until the last of ``_marks``, snapshotting ``potential()`` at each mark without stopping the
     clock. With several ranks, rank 0's clock is broadcast at every step, so all ranks step, snapshot
     and stop together."""
     options = FitterOptions(method=method, epsilon=args.epsilon, batch_size=args.batch_size, seed=args.seed)
     fitter = PotentialFitter(keys, options, comm=comm)
-    info = {"lr": fitter.lr, "eps0": fitter.eps0 if method == "averaged_sgd" else None, "ranks": comm.world}
-    marks = [args.budget / 2**k for k in range(args.checkpoints - 1, -1, -1)]
+    info = {
+        "lr": fitter.lr,
+        "eps0": fitter.eps0 if method == "averaged_sgd" else None,
+        "init": fitter.init,
+        "ranks": comm.world,
+    }
+    marks = _marks(args)
     rows: list[dict] = []
     snaps: list[Tensor] = []
     start = time.perf_counter()
@@ -144,6 +160,13 @@ def _run_sdfm(
     return rows, snaps, info
 
 
+def _marks(args: PotentialBench) -> list[float]:
+    """Snapshot times of an sdfm fit, increasing."""
+    if args.at:
+        return sorted(float(t) for t in args.at)
+    return [args.budget / 2**k for k in range(args.checkpoints - 1, -1, -1)]
+
+
 def _rank_fit(rank: int, world: int, method: str, keys: Tensor, args: PotentialBench):
     """One rank of a multi-rank fit (run by ``run_local``); rank 0's rows and snapshots are the answer."""
     from sdfm.distributed.collectives import GroupCollectives
@@ -156,14 +179,14 @@ def _fit(
 ) -> tuple[list[dict], list[Tensor], dict]:
     if method == "pot":
         return pot_semidiscrete(
-            keys, epsilon=args.epsilon, batch_size=args.batch_size, seed=args.seed, budget=args.budget
+            keys, epsilon=args.epsilon, batch_size=args.batch_size, seed=args.seed, budget=_marks(args)[-1]
         )
     if ranks == 1:
         return _run_sdfm(method, keys, args)
     from sdfm.distributed.spawn import run_local
 
     threads = args.threads if args.threads > 0 else max(1, (os.cpu_count() or 1) // ranks)
-    timeout = 4 * args.budget + 300  # spawn, data transfer, coarse start, then the budget
+    timeout = 4 * _marks(args)[-1] + 300  # spawn, data transfer, coarse start, then the budget
     return run_local(_rank_fit, ranks, args=(method, keys, args), timeout_s=timeout, threads=threads)[0]
 
 
@@ -181,7 +204,7 @@ def _main(args: PotentialBench) -> int:
     print(
         f"data: {name}, N={n}, d={y.shape[1]}"
         + (f", PCA {args.pca_dim} ({100 * explained:.1f}% of the variance)" if args.pca_dim else "")
-        + f"; batch {args.batch_size}, epsilon {args.epsilon}, budget {args.budget:g} s per method; "
+        + f"; batch {args.batch_size}, epsilon {args.epsilon}, budget {_marks(args)[-1]:g} s per method; "
         f"chi2 by one evaluator on {args.eval_samples} fixed noise samples"
     )
     evaluator = Chi2Evaluator(
