@@ -3,6 +3,7 @@ and a first-order interpolation of its potential to every point."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -24,7 +25,7 @@ def coarse_start(
     generator: torch.Generator,
     *,
     clusters: int,
-    steps: int = 500,
+    steps: int = 1000,
     lloyd_rounds: int = 10,
 ) -> Tensor:
     """A starting potential from a coarse version of the problem (multiscale initialization).
@@ -35,14 +36,19 @@ def coarse_start(
     transient is millions of steps (2-D, N = 20,000: χ̂² ≈ 40 after a minute). Instead:
 
     1. k-means (Lloyd) on the keys into K clusters c_k with masses w_k;
-    2. the semidiscrete problem between the noise and the K weighted centers, by plain SGD with an
-       EMA (K is small, so it converges in a few hundred steps);
+    2. the semidiscrete problem between the noise and the K weighted centers, by SGD with the
+       decreasing step and tail average of the fitter's ``sgd_tail`` (K is small, so 1,000 steps are
+       cheap); its accuracy matters: the coarse potential's error is the long-wavelength error of
+       the fine fit, which the fine steps remove slowly;
     3. each point inherits its cluster's potential, corrected to first order: the dual potential g(y)
        has gradient -x̄_k near c_k, x̄_k being the mean of the noise in cell k (the point that the OT
        map sends to c_k), so g_j = g_k - <x̄_k, y_j - c_k>.
 
     On 2-D data this brings χ̂² from ~100 (g = 0) to ~30 before the first fine step, and the fine fit
-    from χ̂² ≈ 40 to ≈ 0.2 in the same minute.
+    from χ̂² ≈ 40 to ≈ 0.2 in the same minute. Solving the coarse problem well is what makes the rest
+    converge: on moons (N = 20,000, K = 1,024) an EMA solve of 500 steps left the coarse χ̂² at 0.75
+    and the fine fit at 0.73 after 1,000 fine steps; 1,000 tail-averaged steps with a 16x larger
+    first step leave 0.024 and 0.10.
 
     Args:
         keys: (n, p) points in the matching space.
@@ -70,15 +76,15 @@ def coarse_start(
     assign = _nearest(keys, centers)
     mass = torch.bincount(assign, minlength=k).float() / n
     spread = float((centers - centers.mean(0)).square().sum(1).mean().sqrt())
-    lr = 0.5 * max(spread, 1e-12)  # in score units; measured to converge in ~500 steps on 2-D and image data
+    lr0 = 4.0 * max(spread, 1e-12)  # in score units (measured on moons and 8 gaussians)
     g = keys.new_zeros(k)
     avg = keys.new_zeros(k)
-    for _ in range(steps):
+    for t in range(1, steps + 1):
         q = draw()
         hit = torch.addmm(g[None, :], q, centers.T).argmax(1)
-        g -= lr * (torch.bincount(hit, minlength=k).float() / q.shape[0] - mass)
-        avg.mul_(0.99).add_(g, alpha=0.01)
-    g = avg / (1 - 0.99**steps)
+        g -= lr0 / math.sqrt(1 + t / 100) * (torch.bincount(hit, minlength=k).float() / q.shape[0] - mass)
+        avg.add_(g - avg, alpha=4 / (t + 3))  # the tail average of sgd_tail (η = 3)
+    g = avg
     # x̄_k: the mean noise sample of each coarse cell.
     xbar, seen = torch.zeros_like(centers), keys.new_zeros(k)
     for _ in range(8):
