@@ -160,6 +160,22 @@ def test_potential_bench_runs_a_two_rank_fit(tmp_path):
         assert run["rows"][-1]["seconds"] >= 1.0
 
 
+def test_potential_bench_snapshots_a_2d_set_at_the_asked_times(tmp_path):
+    path = tmp_path / "potential.json"
+    bench = PotentialBench(
+        data="moons", points=600, methods=["sgd_tail"], at=[0.6, 0.3], threads=1, batch_size=128,
+        eval_samples=1024, json=path,
+    )  # fmt: skip
+    assert bench.run() == 0
+    data = json.loads(path.read_text())
+    assert (data["data"]["n"], data["data"]["d"]) == (600, 2)
+    (run,) = data["methods"]
+    assert run["settings"]["init"] == "coarse"  # 2-D cells are narrow: the coarse start
+    times = [r["seconds"] for r in run["rows"]]
+    assert len(times) == 2 and 0.3 <= times[0] < 0.6 <= times[1]
+    assert run["rows"][-1]["chi2"] < data["chi2_zero"]
+
+
 def test_quality_bench_runs_every_method_cell_and_refuses_a_negative_fine_tune(tmp_path, capsys):
     """The cells of ``--methods``, ``--finetune-steps`` (OAT beside its control) at a toy size."""
     import json
