@@ -242,7 +242,8 @@ def fit_potential(
             history.append((fitter.t, seconds, mean))
             if log is not None:
                 log(
-                    f"potential step {fitter.t} chi2 {info['chi2']:.4f} chi2_mean{window} {mean:.4f} "
+                    f"potential step {fitter.t} iterate chi2 {info['chi2']:.4f} (mean of {window}: {mean:.4f}; "
+                    "the averaged potential is checked on fresh noise) "
                     f"eps {info['epsilon']:.3g} lr {info['lr']:.3g} {fitter.t / seconds:.1f} steps/s"
                 )
         if eval_samples > 0 and fitter.t >= next_check:
