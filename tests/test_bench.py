@@ -164,7 +164,7 @@ def test_potential_bench_snapshots_a_2d_set_at_the_asked_times(tmp_path):
     path = tmp_path / "potential.json"
     bench = PotentialBench(
         data="moons", points=600, methods=["sgd_tail"], at=[0.6, 0.3], threads=1, batch_size=128,
-        eval_samples=1024, json=path,
+        eval_samples=1024, clusters=8, json=path,
     )  # fmt: skip
     assert bench.run() == 0
     data = json.loads(path.read_text())
@@ -174,6 +174,8 @@ def test_potential_bench_snapshots_a_2d_set_at_the_asked_times(tmp_path):
     times = [r["seconds"] for r in run["rows"]]
     assert len(times) == 2 and 0.3 <= times[0] < 0.6 <= times[1]
     assert run["rows"][-1]["chi2"] < data["chi2_zero"]
+    share = run["clusters"]  # the cluster part of a χ² is at most the whole (the masses coarsened)
+    assert share["k"] == 8 and 0 <= share["cluster_chi2"] <= share["plug_in_chi2"] + 1e-6
 
 
 def test_quality_bench_runs_every_method_cell_and_refuses_a_negative_fine_tune(tmp_path, capsys):

@@ -47,7 +47,7 @@ from torch import Tensor
 from sdfm.bench.common import machine_info, write_json
 from sdfm.bench.peers import pot_semidiscrete
 from sdfm.ot.collectives import LOCAL, Collectives
-from sdfm.semidiscrete import PCA, Chi2Evaluator, FitterOptions, PotentialFitter
+from sdfm.semidiscrete import PCA, Chi2Evaluator, FitterOptions, MatchIndex, PotentialFitter
 
 METHODS = ("sgd_tail", "sgd_ema", "averaged_sgd", "pot")
 SYNTHETIC = ("8gaussians", "moons", "checkerboard")
@@ -93,6 +93,9 @@ class PotentialBench:
     """Process counts of each sdfm fit (2 or more: a multi-rank fit on local gloo processes)."""
     seed: int = 0
     """Seed of the subset and of each method's noise."""
+    clusters: int = 0
+    """With K > 0, also report the share of each sdfm fit's final χ̂² that sits in the masses of K
+    k-means clusters of the data (long-wavelength error; white sampling noise puts about K/N there)."""
     json: Path | None = None
     """Write all rows to this JSON file."""
 
@@ -162,6 +165,28 @@ def _marks(args: PotentialBench) -> list[float]:
     return [args.budget / 2**k for k in range(args.checkpoints - 1, -1, -1)]
 
 
+def cluster_share(keys: Tensor, g: Tensor, k: int, samples: int, seed: int) -> tuple[float, float]:
+    """(plug-in χ² of the cell masses, the part of it in the masses of k k-means clusters) of g on
+    ``samples`` standard-normal noise samples. The plug-in χ² includes the sampling noise N/samples;
+    the cluster part is Σ_c (m_c - w_c)² / w_c over clusters of mass w_c."""
+    from sdfm.semidiscrete.coarse import kmeans
+
+    n, p = keys.shape
+    gen = torch.Generator().manual_seed(seed)
+    index = MatchIndex(keys, backend="torch")
+    index.set_potential(g)
+    counts = torch.zeros(n)
+    for start in range(0, samples, 4096):
+        q = torch.randn(min(4096, samples - start), p, generator=gen)
+        counts += torch.bincount(index.search(q, None, projected=True), minlength=n).float()
+    m = counts / counts.sum()
+    _, assign = kmeans(keys, k, gen)
+    w = torch.bincount(assign, minlength=k).float() / n
+    mc = torch.bincount(assign, weights=m, minlength=k)
+    filled = w > 0
+    return float(n * m.square().sum() - 1), float(((mc[filled] - w[filled]).square() / w[filled]).sum())
+
+
 def _rank_fit(rank: int, world: int, method: str, keys: Tensor, args: PotentialBench):
     """One rank of a multi-rank fit (run by ``run_local``); rank 0's rows and snapshots are the answer."""
     from sdfm.distributed.collectives import GroupCollectives
@@ -219,6 +244,19 @@ def _main(args: PotentialBench) -> int:
             row["chi2"] = evaluator(g)
             print(f"{label:<18} {row['steps']:>7} {row['seconds']:>8.2f} {row['chi2']:>9.4f}")
         reached = next((r for r in rows if r["chi2"] <= args.target), None)
+        clusters = None
+        if args.clusters > 0 and method != "pot":
+            plug_in, part = cluster_share(
+                keys, snaps[-1], args.clusters, 4 * args.eval_samples, args.seed + 1
+            )
+            noise = n / (4 * args.eval_samples)
+            clusters = {"k": args.clusters, "plug_in_chi2": plug_in, "cluster_chi2": part, "noise": noise}
+            print(
+                f"{label}: at {rows[-1]['seconds']:.0f} s, {part:.4f} of the plug-in chi2 {plug_in:.4f} "
+                f"(of which ~{noise:.4f} is the check's own noise) is in the masses of {args.clusters} "
+                f"clusters ({part / max(plug_in - noise, 1e-12):.0%}; white noise: ~{args.clusters / n:.1%}); "
+                f"sampling floor N / (0.44 samples) = {n / (0.44 * rows[-1]['steps'] * args.batch_size):.4f}"
+            )
         summary = {
             "method": method,
             "ranks": ranks,
@@ -227,6 +265,7 @@ def _main(args: PotentialBench) -> int:
             "rows": rows,
             "final_chi2": rows[-1]["chi2"],
             "seconds_to_target": None if reached is None else reached["seconds"],
+            "clusters": clusters,
         }
         results.append(summary)
     print()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["coarse_start"]
+__all__ = ["coarse_start", "kmeans"]
 
 
 def _nearest(points: Tensor, centers: Tensor, chunk: int = 8192) -> Tensor:
@@ -17,6 +17,19 @@ def _nearest(points: Tensor, centers: Tensor, chunk: int = 8192) -> Tensor:
     return torch.cat(
         [torch.cdist(points[i : i + chunk], centers).argmin(1) for i in range(0, len(points), chunk)]
     )
+
+
+def kmeans(keys: Tensor, k: int, generator: torch.Generator, *, rounds: int = 10) -> tuple[Tensor, Tensor]:
+    """Lloyd's k-means from k random points: (k, p) centers and the (n,) cluster of every key."""
+    pick = torch.randperm(keys.shape[0], generator=generator, device=generator.device)[:k].to(keys.device)
+    centers = keys[pick].clone()
+    for _ in range(rounds):
+        assign = _nearest(keys, centers)
+        counts = torch.bincount(assign, minlength=k).float()
+        sums = torch.zeros_like(centers).index_add_(0, assign, keys)
+        filled = counts > 0
+        centers[filled] = sums[filled] / counts[filled, None]
+    return centers, _nearest(keys, centers)
 
 
 def coarse_start(
@@ -65,15 +78,7 @@ def coarse_start(
     k = min(clusters, n // 4)
     if k < 2:
         return keys.new_zeros(n)
-    pick = torch.randperm(n, generator=generator, device=generator.device)[:k].to(keys.device)
-    centers = keys[pick].clone()
-    for _ in range(lloyd_rounds):
-        assign = _nearest(keys, centers)
-        counts = torch.bincount(assign, minlength=k).float()
-        sums = torch.zeros_like(centers).index_add_(0, assign, keys)
-        filled = counts > 0
-        centers[filled] = sums[filled] / counts[filled, None]
-    assign = _nearest(keys, centers)
+    centers, assign = kmeans(keys, k, generator, rounds=lloyd_rounds)
     mass = torch.bincount(assign, minlength=k).float() / n
     spread = float((centers - centers.mean(0)).square().sum(1).mean().sqrt())
     lr0 = 4.0 * max(spread, 1e-12)  # in score units (measured on moons and 8 gaussians)

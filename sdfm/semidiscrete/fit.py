@@ -251,7 +251,9 @@ def fit_potential(
             # one-sided 95% upper bound of χ̂² must be below it (never a negative or lone estimate).
             final_chi2, final_se = fitter.evaluate_with_error(eval_samples, eval_generator)
             if log is not None:
-                log(f"potential check at step {fitter.t}: {describe_chi2(final_chi2, final_se, b.target_chi2)}")
+                log(
+                    f"potential check at step {fitter.t}: {describe_chi2(final_chi2, final_se, b.target_chi2)}"
+                )
             if final_chi2 + Z_ONE_SIDED_95 * final_se <= b.target_chi2:
                 converged = True
                 break
