@@ -413,8 +413,16 @@ def test_the_stop_rule_needs_a_confirming_bound_and_its_message_cannot_contradic
     # is about sqrt(8) sqrt(2N) / M, so at N = 20,000 the old fixed 8,192 samples could never confirm
     # 0.05 (1.645 SE ≈ 0.11), while confirming_samples keeps 1.645 SE at half the target.
     assert confirming_samples(1797, 0.05) >= 8192 and confirming_samples(200, 0.05) == 8192
-    for n, target in [(20_000, 0.05), (60_000, 0.05), (20_000, 0.01)]:
+    for n, target in [(20_000, 0.05), (60_000, 0.05), (20_000, 0.03)]:
         m = confirming_samples(n, target)
         assert Z_ONE_SIDED_95 * math.sqrt(8) * math.sqrt(2 * n) / m <= target / 2 + 1e-12
         assert Z_ONE_SIDED_95 * math.sqrt(8) * math.sqrt(2 * n) / 8192 > target
+    # A target no evaluation of bounded cost can confirm: capped at 64 batches, said, budget run.
+    assert confirming_samples(20_000, 1e-9) == 64 * 1024 == confirming_samples(20_000, 1e-9, batch=1024)
+    lines = []
+    result = fit_potential(
+        _points(), FitterOptions(batch_size=256), FitBudget(max_steps=60, target_chi2=1e-9), log=lines.append
+    )
+    assert result.steps == 60 and not result.converged
+    assert any("below what" in line and "whole budget" in line for line in lines)
     assert "target met" in describe_chi2(0.0052, 0.001, 0.01)
