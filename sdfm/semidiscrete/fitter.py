@@ -203,8 +203,7 @@ class PotentialFitter:
     def _coarse_start(self) -> None:
         """g <- ``coarse_start`` of each class block (the blocks are independent problems)."""
         p = self.problem
-        y = p.y.to(p.device)
-        keys = p.index.pca.keys(y) if p.index.pca else y.to(torch.float32)
+        keys = p.index.keys(p.y)
         gen = torch.Generator(device=self.generator.device).manual_seed(
             int(self.generator.initial_seed()) + 1
         )
@@ -222,8 +221,7 @@ class PotentialFitter:
         singular covariance).
         """
         p = self.problem
-        y = p.y.to(p.device)
-        keys = p.index.pca.keys(y) if p.index.pca else y.to(torch.float32)
+        keys = p.index.keys(p.y)
         for rows in p.rows:
             k = keys[rows].double()
             centered = k - k.mean(0)

@@ -218,7 +218,7 @@ class MatchIndex:
         if candidates < 1:
             raise UserError(f"candidates={candidates} must be at least 1")
         self.pca = PCA.fit(y, pca_dim) if pca_dim > 0 else None
-        keys = self.pca.keys(y.to(self.device)) if self.pca else y.to(self.device, torch.float32)
+        keys = self.keys(y)
         largest = float(keys.abs().max())
         if precision is None:
             precision = default_precision(backend, self.device, largest)
@@ -282,6 +282,12 @@ class MatchIndex:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.last_refresh_seconds = time.perf_counter() - start
+
+    def keys(self, y: Tensor) -> Tensor:
+        """Points y (N, d) in the matching space: (N, p) PCA keys (y - m) V, else y; float32 on the
+        index device (a fresh tensor; the index keeps its own copy for searching)."""
+        y = y.to(self.device)
+        return self.pca.keys(y) if self.pca else y.to(torch.float32)
 
     def project(self, x: Tensor) -> Tensor:
         """Queries (B, d) in the matching space: (B, p) with PCA, else (B, d); float32 on the index device."""

@@ -162,15 +162,13 @@ class SemidiscreteProblem:
             self.grad_scale[rows] = size / self.n / share
             self.class_size[rows] = float(size)
             self.class_share[rows] = float(share)
-        keys = self.index.pca.keys(y.to(self.device)) if self.index.pca else y.to(self.device, torch.float32)
-        self.score_scale, self.cell_scale = problem_scales(keys)
+        self.score_scale, self.cell_scale = problem_scales(self.index.keys(y))
         self._soft_keys: list[Tensor] | None = None
 
     def soft_keys(self) -> list[Tensor]:
         """(n_c, p) float32 keys of each class for the ε > 0 softmax, built on first use."""
         if self._soft_keys is None:
-            y = self.y.to(self.device)
-            keys = self.index.pca.keys(y) if self.index.pca else y.to(torch.float32)
+            keys = self.index.keys(self.y)
             self._soft_keys = [keys[rows].contiguous() for rows in self.rows]
         return self._soft_keys
 
