@@ -47,7 +47,8 @@ from torch import Tensor
 from sdfm.bench.common import machine_info, write_json
 from sdfm.bench.peers import pot_semidiscrete
 from sdfm.ot.collectives import LOCAL, Collectives
-from sdfm.semidiscrete import PCA, Chi2Evaluator, FitterOptions, MatchIndex, PotentialFitter
+from sdfm.semidiscrete import PCA, Chi2Evaluator, FitterOptions, PotentialFitter
+from sdfm.semidiscrete.problem import SemidiscreteProblem
 
 METHODS = ("sgd_tail", "sgd_ema", "averaged_sgd", "pot")
 SYNTHETIC = ("8gaussians", "moons", "checkerboard")
@@ -165,22 +166,21 @@ def _marks(args: PotentialBench) -> list[float]:
     return [args.budget / 2**k for k in range(args.checkpoints - 1, -1, -1)]
 
 
-def cluster_share(keys: Tensor, g: Tensor, k: int, samples: int, seed: int) -> tuple[float, float]:
+def cluster_share(
+    problem: SemidiscreteProblem, g: Tensor, k: int, samples: int, seed: int
+) -> tuple[float, float]:
     """(plug-in χ² of the cell masses, the part of it in the masses of k k-means clusters) of g on
-    ``samples`` standard-normal noise samples. The plug-in χ² includes the sampling noise N/samples;
-    the cluster part is Σ_c (m_c - w_c)² / w_c over clusters of mass w_c."""
+    about ``samples`` fresh noise samples of ``problem`` (whole batches). The plug-in χ² includes the
+    sampling noise N/samples; the cluster part is Σ_c (m_c - w_c)² / w_c over clusters of mass w_c."""
     from sdfm.semidiscrete.coarse import kmeans
 
-    n, p = keys.shape
-    gen = torch.Generator().manual_seed(seed)
-    index = MatchIndex(keys, backend="torch")
-    index.set_potential(g)
-    counts = torch.zeros(n)
-    for start in range(0, samples, 4096):
-        q = torch.randn(min(4096, samples - start), p, generator=gen)
-        counts += torch.bincount(index.search(q, None, projected=True), minlength=n).float()
+    gen = torch.Generator(device=problem.device).manual_seed(seed)
+    counts = sum(
+        problem.sums(problem.draw(gen), g, 0.0)[0] for _ in range(max(1, samples // problem.total_batch))
+    )
     m = counts / counts.sum()
-    _, assign = kmeans(keys, k, gen)
+    n = problem.n
+    _, assign = kmeans(problem.index.keys(problem.y), k, gen)
     w = torch.bincount(assign, minlength=k).float() / n
     mc = torch.bincount(assign, weights=m, minlength=k)
     filled = w > 0
@@ -247,7 +247,7 @@ def _main(args: PotentialBench) -> int:
         clusters = None
         if args.clusters > 0 and method != "pot":
             plug_in, part = cluster_share(
-                keys, snaps[-1], args.clusters, 4 * args.eval_samples, args.seed + 1
+                evaluator.problem, snaps[-1], args.clusters, 4 * args.eval_samples, args.seed + 1
             )
             noise = n / (4 * args.eval_samples)
             clusters = {"k": args.clusters, "plug_in_chi2": plug_in, "cluster_chi2": part, "noise": noise}
