@@ -144,16 +144,21 @@ def _default_window(n: int, batch: int, target: float) -> int:
     return int(min(200, max(20, math.ceil(need))))
 
 
-def confirming_samples(n: int, target: float, batch: int = 1024, groups: int = 8) -> int:
+def bound_width(n: int, samples: int, groups: int = 8) -> float:
+    """1.645 SE of a converged potential's χ̂² from ``evaluate_with_error`` on ``samples`` samples at
+    N = n: one group of samples / groups estimates χ̂² with noise about sqrt(2N) groups / samples, so
+    SE ≈ sqrt(groups) sqrt(2N) / samples. No target below this can be confirmed with that many."""
+    return Z_ONE_SIDED_95 * math.sqrt(groups) * math.sqrt(2 * n) / samples
+
+
+def confirming_samples(n: int, target: float, batch: int = 1024) -> int:
     """Noise samples of a confirming evaluation at N = n points: enough that the one-sided 95% bound
     can reach the target at all, and at most 64 batches (one check must not cost more than a few
-    dozen steps, nor keep a SIGTERM waiting). Near convergence one group of M / groups samples
-    estimates χ̂² with noise about sqrt(2N) groups / M, so the standard error of
-    ``evaluate_with_error`` is about sqrt(groups) sqrt(2N) / M; asking 1.645 SE <= target / 2 gives
-    M >= 3.29 sqrt(groups) sqrt(2N) / target (N = 20,000, target 0.05: 37,000 samples; the fixed
-    8,192 used before could never confirm 0.05 above N of about 1,000), and at least 8,192. A target
-    that needs more than the cap cannot be confirmed: ``fit_potential`` says so and runs its budget."""
-    need = 2 * Z_ONE_SIDED_95 * math.sqrt(groups) * math.sqrt(2 * n) / target
+    dozen steps, nor keep a SIGTERM waiting). Asking ``bound_width`` <= target / 2 gives
+    M >= 3.29 sqrt(8) sqrt(2N) / target (N = 20,000, target 0.05: 37,000 samples; the fixed 8,192
+    used before could never confirm 0.05 above N of about 1,000), and at least 8,192. A target that
+    needs more than the cap cannot be confirmed: ``fit_potential`` says so and runs its budget."""
+    need = 2 * bound_width(n, 1) / target
     return int(min(max(8192, math.ceil(need)), max(8192, 64 * batch)))
 
 
@@ -216,8 +221,8 @@ def fit_potential(
     eval_samples = b.eval_samples
     if eval_samples is None:
         eval_samples = confirming_samples(fitter.n, b.target_chi2, fitter.batch_size)
-    reachable = Z_ONE_SIDED_95 * math.sqrt(8) * math.sqrt(2 * fitter.n) / max(eval_samples, 1)
-    if eval_samples > 0 and reachable > b.target_chi2 and log is not None:
+    reachable = bound_width(fitter.n, eval_samples) if eval_samples > 0 else 0.0
+    if reachable > b.target_chi2 and log is not None:
         log(
             f"potential: target chi2 {b.target_chi2} is below what {eval_samples} evaluation samples can "
             f"confirm at N={fitter.n} (about {reachable:.3g}); the fit will run its whole budget"
