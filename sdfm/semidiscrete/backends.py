@@ -47,7 +47,10 @@ _CPU_SCORES = 1 << 19
 """On a CPU, at most this many scores (2 MB) per chunk: a (B, chunk) block that stays in the core's
 cache is written and re-read far faster. Measured on one thread of a 2-core EPYC, search of 1,024
 queries: 2-D, N = 20,000: 21 ms vs 87 ms with 16 MB chunks; d = 64, N = 10,000: 26 vs 71 ms;
-d = 784: equal (the products dominate there)."""
+d = 784: equal (the products dominate there). Beside the peers in one run (``sdfm bench match
+--N 20000 --d 2 64 --B 1024 --methods sdfm-torch faiss-flat torch-matmul --precisions fp32
+--threads 1``): d = 2: 20 ms against 134 (FAISS flat) and 98 (torch matmul + argmax); d = 64: 47
+against 154 and 131, all answers equal to float64."""
 
 
 class Certified:
