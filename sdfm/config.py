@@ -135,10 +135,12 @@ class PotentialConfig:
     epsilon: float = 0.0
     """Entropic regularization of the semidiscrete problem (0: hard Laguerre cells, argmax matching;
     > 0: matches are sampled from the softmax over the top-k candidates)."""
-    method: Literal["sgd_tail", "sgd_ema", "averaged_sgd"] = "sgd_tail"
-    """Fitting method: SGD with a decreasing step and a tail average of g (the default: its chi^2
-    keeps falling with the budget), SGD with an EMA of g (OTT-JAX style), or averaged SGD with a
-    decreasing epsilon (POT ot.semidiscrete style)."""
+    method: Literal["auto", "sgd_tail", "sgd_ema", "averaged_sgd"] = "auto"
+    """Fitting method: 'auto' (the default) is averaged_sgd when the matching space (pca_dim, else
+    the data's dimension) has >= 256 dimensions and sgd_tail below, the faster of the two there (docs/design.md
+    section 7); sgd_tail is SGD with a decreasing step and a tail average of g (its chi^2 keeps
+    falling with the budget), sgd_ema SGD with an EMA of g (OTT-JAX style), averaged_sgd averaged
+    SGD with a decreasing epsilon (POT ot.semidiscrete style)."""
     batch_size: int = 1024
     """Fresh noise samples per fitting step."""
     lr: float = 0.0

@@ -192,7 +192,7 @@ def _fit_and_publish(run_dir, cfg, data, device, comm, pg, max_steps: int, log, 
 
     ranks = f" on {pg.env.world_size} ranks" if pg.env.distributed else ""
     log(
-        f"worker: fitting g for {data.name} (N={len(data)}, eps={p.epsilon}, {p.method}) on {device}{ranks}, "
+        f"worker: fitting g for {data.name} (N={len(data)}, eps={p.epsilon}, {fitter.method}) on {device}{ranks}, "
         f"publishing every {p.publish_every} steps"
     )
     steps_here = 0

@@ -26,7 +26,9 @@ from sdfm.semidiscrete import (
 )
 from sdfm.semidiscrete.coarse import coarse_start
 from sdfm.semidiscrete.fit import confirming_samples
-from sdfm.semidiscrete.fitter import METHODS
+from sdfm.semidiscrete.fitter import HIGH_DIM, METHODS, resolve_method
+
+FITTED = [m for m in METHODS if m != "auto"]  # 'auto' runs one of these (test below)
 
 A = torch.tensor([1.5, 0.0])
 
@@ -78,7 +80,7 @@ def test_softmax_sums_are_exact_in_every_blocking(monkeypatch, block):
     assert torch.allclose(col_sq.double(), s.square().sum(0), atol=1e-5)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FITTED)
 @pytest.mark.parametrize("epsilon", [0.0, 0.3])
 def test_fit_drives_chi2_down(method, epsilon):
     y = _points()
@@ -98,7 +100,7 @@ def test_fit_drives_chi2_down(method, epsilon):
     assert abs(float(fitter.potential().mean())) < 1e-3 * float(fitter.potential().abs().max())
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FITTED)
 def test_fit_with_labels_stays_within_classes(method):
     y = _points()
     labels = torch.randint(0, 3, (len(y),), generator=torch.Generator().manual_seed(4))
@@ -124,7 +126,7 @@ def test_fit_in_pca_space():
     assert fitter.index.match_dim == 3
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FITTED)
 def test_symmetric_two_points_have_zero_potential(method):
     # Cells of ±a under g = 0 are the half-spaces <x, a> > 0 and < 0, each of mass 1/2: g* = 0.
     fitter = PotentialFitter(torch.stack([A, -A]), FitterOptions(method=method, batch_size=256))
@@ -136,7 +138,7 @@ def test_symmetric_two_points_have_zero_potential(method):
     assert fitter.evaluate(20_000, torch.Generator().manual_seed(0)) < 0.01
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FITTED)
 def test_one_dimensional_cells_have_the_closed_form(method):
     """y = (-1, 0, 2) under N(0, 1): each cell must hold mass 1/3, so the boundaries sit at the
     normal's terciles -z and z (z = Φ^-1(2/3)). The boundary of y1 and y2 is where -x + g1 = g2, the
@@ -164,6 +166,17 @@ def _product_grid(n1: int, n2: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     i = (phi[:, 0] * n1).long().clamp_max(n1 - 1)
     k = (phi[:, 1] * n2).long().clamp_max(n2 - 1)
     return y, x, i * n2 + k
+
+
+def test_auto_method_picks_by_the_matching_spaces_dimension():
+    assert resolve_method("auto", 2) == resolve_method("auto", HIGH_DIM - 1) == "sgd_tail"
+    assert resolve_method("auto", HIGH_DIM) == resolve_method("auto", 784) == "averaged_sgd"
+    assert all(resolve_method(m, 784) == m for m in FITTED)
+    y = torch.randn(64, HIGH_DIM, generator=torch.Generator().manual_seed(0))
+    assert PotentialFitter(y, FitterOptions(batch_size=64)).method == "averaged_sgd"
+    # With PCA the matching space is the PCA space: 8 dimensions, sgd_tail.
+    fitter = PotentialFitter(y, FitterOptions(batch_size=64, pca_dim=8))
+    assert fitter.method == "sgd_tail" and fitter.state_dict()["method"] == "sgd_tail"
 
 
 def test_the_default_fitters_cells_converge_to_the_known_optimal_cells():
@@ -238,7 +251,7 @@ def test_fit_potential_respects_time_budget():
     assert result.seconds < 5
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FITTED)
 def test_state_dict_round_trip_continues_identically(method):
     y = _points()
     a = PotentialFitter(y, FitterOptions(method=method, batch_size=128, seed=3))

@@ -27,7 +27,7 @@ from sdfm.config import Config
 from sdfm.data import Dataset
 from sdfm.errors import UserError
 from sdfm.ot.collectives import LOCAL, Collectives
-from sdfm.semidiscrete.fitter import FitterOptions, PotentialFitter
+from sdfm.semidiscrete.fitter import HIGH_DIM, FitterOptions, PotentialFitter
 from sdfm.semidiscrete.potential_file import save_potential
 from sdfm.semidiscrete.problem import SampleSource, SemidiscreteProblem
 
@@ -216,6 +216,11 @@ def fit_potential(
                 log(
                     f"warning: interrupted fit state {state_path} is unreadable ({type(e).__name__}); fitting from zero"
                 )
+    if options.method == "auto" and log is not None:
+        log(
+            f"potential: method auto -> {fitter.method} (a {fitter.index.match_dim}-dimensional matching "
+            f"space; averaged_sgd from {HIGH_DIM}), lr0 {fitter.lr:.3g}, start {fitter.init}"
+        )
     stop = _TermFlag() if state_path is not None else None
     window = b.window or _default_window(fitter.n, fitter.batch_size, b.target_chi2)
     eval_samples = b.eval_samples
