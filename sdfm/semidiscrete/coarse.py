@@ -3,11 +3,12 @@ and a first-order interpolation of its potential to every point."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from sdfm.semidiscrete.schedule import tail_lr, tail_weight
 
 __all__ = ["coarse_start", "kmeans"]
 
@@ -87,8 +88,8 @@ def coarse_start(
     for t in range(1, steps + 1):
         q = draw()
         hit = torch.addmm(g[None, :], q, centers.T).argmax(1)
-        g -= lr0 / math.sqrt(1 + t / 100) * (torch.bincount(hit, minlength=k).float() / q.shape[0] - mass)
-        avg.add_(g - avg, alpha=4 / (t + 3))  # the tail average of sgd_tail (η = 3)
+        g -= tail_lr(lr0, t) * (torch.bincount(hit, minlength=k).float() / q.shape[0] - mass)
+        avg.add_(g - avg, alpha=tail_weight(t))
     g = avg
     # x̄_k: the mean noise sample of each coarse cell.
     xbar, seen = torch.zeros_like(centers), keys.new_zeros(k)

@@ -55,6 +55,7 @@ from sdfm.ot.collectives import LOCAL, Collectives, share
 from sdfm.semidiscrete.coarse import coarse_start
 from sdfm.semidiscrete.index import Backend, MatchIndex, Precision
 from sdfm.semidiscrete.problem import SampleSource, SemidiscreteProblem
+from sdfm.semidiscrete.schedule import tail_lr, tail_weight
 
 Method = Literal["auto", "sgd_tail", "sgd_ema", "averaged_sgd"]
 METHODS = ("auto", "sgd_tail", "sgd_ema", "averaged_sgd")
@@ -267,7 +268,7 @@ class PotentialFitter:
     def lr_at(self, t: int) -> float:
         """Step size at step t (1-based)."""
         if self.method == "sgd_tail":
-            return self.lr / math.sqrt(1 + t / self.options.decay_steps)
+            return tail_lr(self.lr, t, self.options.decay_steps)
         return self.lr * t ** (-2.0 / 3.0) if self.method == "averaged_sgd" else self.lr
 
     def step(self) -> dict[str, float]:
@@ -293,8 +294,7 @@ class PotentialFitter:
         if self.method == "sgd_ema":
             self.g_avg.mul_(self.ema).add_(self.g, alpha=1 - self.ema)
         elif self.method == "sgd_tail":
-            eta = self.options.tail_power
-            self.g_avg.add_(self.g - self.g_avg, alpha=(1 + eta) / (t + eta))
+            self.g_avg.add_(self.g - self.g_avg, alpha=tail_weight(t, self.options.tail_power))
         else:
             self.g_avg.add_((self.g - self.g_avg) / t)
         self.t = t
