@@ -9,7 +9,8 @@ budget, and every potential it produces is scored by ONE evaluator: ``Chi2Evalua
 - sdfm sgd_tail / sgd_ema / averaged_sgd: ``PotentialFitter`` with its default step sizes and start;
   ``potential()`` is snapshotted at the ``--at`` times (default: budget/2^k, k = ``--checkpoints``-1
   .. 0) without stopping the clock (a copy of N floats), and the snapshots are evaluated after the
-  run.
+  run. The fitter's default, ``auto``, is not a row of its own: it runs averaged_sgd when the
+  matching space has 256 or more dimensions and sgd_tail below, so one of those rows is it.
 - POT: ``ot.semidiscrete.solve_semidiscrete`` (averaged SGD with POT's defaults: lr0 = sqrt(N B),
   lr_t = lr0 t^(-2/3), ε_t = max(ε, 0.1/sqrt(t)), Polyak average) on torch tensors with the dot cost
   ``metric = -x @ y.T`` and the same noise law and batch size. It has no callback or iterate log (its

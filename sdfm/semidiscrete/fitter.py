@@ -4,13 +4,13 @@ Methods (the problem and its gradient: ``sdfm.semidiscrete.problem``; docs/desig
 measurements behind the choice):
 
 - ``auto`` (the default): ``averaged_sgd`` when the matching space has at least ``HIGH_DIM`` (256)
-  dimensions, else ``sgd_tail``. Why (``sdfm bench potential``, one CPU thread, docs/design.md §7):
-  per step, ``averaged_sgd`` is 2x lower than ``sgd_tail`` on Fashion-MNIST at d = 784 (800 steps:
-  χ̂² 0.016 against 0.032) and on digits, but its softmax step costs 1.3x an argmax step at
-  d = 784 against 3-3.5x at d = 64 (the B x N exponentials do not grow with d, the product does).
-  So it wins per second at d = 784 (0.021 against 0.050 after 240 s on 10,000 images) and loses at
-  d <= 64 (2-D data: 20x; Fashion-MNIST PCA 64: 2x per step). The 256 lies between the dimensions
-  measured; it is not tuned.
+  dimensions, else ``sgd_tail``. Why (``sdfm bench potential``, one CPU thread; docs/design.md §7):
+  at d = 784 the B x N product dominates a step, so averaged_sgd's softmax step costs about what an
+  argmax step does (Fashion-MNIST 10k: 571 against 535 steps in 240 s) and its lower χ̂² per step
+  makes it 2.4x lower per second there (0.021 against 0.050 at 240 s; tied on the full 60,000).
+  At d <= 64 the B x N exponentials dominate (digits: 1,764 against 4,626 steps in 60 s) and it is
+  tied (digits) or behind (2-D data: 6.1 against 0.052 after 60 s). 256 lies between the
+  dimensions measured; it is not tuned.
 - ``sgd_tail`` (sdfm's own formulation of "decreasing steps with averaging"): SGD with a
   slowly decreasing step lr_t = lr0 / sqrt(1 + t / T0) (T0 = ``decay_steps``, 100) and a
   polynomial-decay ("tail") average of the iterates, ḡ_t = ḡ_{t-1} + (1 + η)/(t + η) (g_t - ḡ_{t-1})
