@@ -173,7 +173,12 @@ def test_auto_method_picks_by_the_matching_spaces_dimension():
     assert resolve_method("auto", HIGH_DIM) == resolve_method("auto", 784) == "averaged_sgd"
     assert all(resolve_method(m, 784) == m for m in FITTED)
     y = torch.randn(64, HIGH_DIM, generator=torch.Generator().manual_seed(0))
-    assert PotentialFitter(y, FitterOptions(batch_size=64)).method == "averaged_sgd"
+    auto = PotentialFitter(y, FitterOptions(batch_size=64))
+    assert auto.method == "averaged_sgd"
+    # A fit interrupted under another method (the default before 'auto') says which setting resumes it.
+    saved = PotentialFitter(y, FitterOptions(method="sgd_tail", batch_size=64)).state_dict()
+    with pytest.raises(UserError, match="set potential.method = 'sgd_tail'"):
+        auto.load_state_dict(saved)
     # With PCA the matching space is the PCA space: 8 dimensions, sgd_tail.
     fitter = PotentialFitter(y, FitterOptions(batch_size=64, pca_dim=8))
     assert fitter.method == "sgd_tail" and fitter.state_dict()["method"] == "sgd_tail"

@@ -334,11 +334,18 @@ class PotentialFitter:
         """Continue from ``state_dict()`` of a fitter on the same data and settings."""
         if state.get("format") != FITTER_FORMAT:
             raise UserError(f"fitter state has format {state.get('format')!r}, expected {FITTER_FORMAT!r}")
+        # A state saved under another default (e.g. before method 'auto') names the setting to pin.
+        fixes = {
+            "method": "potential.method",
+            "epsilon": "potential.epsilon",
+            "batch_size": "potential.batch_size",
+        }
         for key in ("method", "epsilon", "n", "batch_size"):
             if state[key] != getattr(self, key):
+                fix = f"set {fixes[key]} = {state[key]!r}" if key in fixes else "use the same data"
                 raise UserError(
                     f"fitter state was saved with {key}={state[key]!r} but this fitter has {getattr(self, key)!r}; "
-                    "resume with the same data and settings, or start a new fit"
+                    f"to continue it {fix}, or start a new fit"
                 )
         self.lr, self.eps0, self.t = float(state["lr"]), float(state["eps0"]), int(state["step"])
         self.g.copy_(state["g"])
