@@ -174,14 +174,20 @@ def test_auto_method_picks_by_the_matching_spaces_dimension():
     assert all(resolve_method(m, 784) == m for m in FITTED)
     y = torch.randn(64, HIGH_DIM, generator=torch.Generator().manual_seed(0))
     auto = PotentialFitter(y, FitterOptions(batch_size=64))
-    assert auto.method == "averaged_sgd"
+    chosen = PotentialFitter(y, FitterOptions(method="averaged_sgd", batch_size=64))
+    assert auto.method == "averaged_sgd" and auto.lr == chosen.lr
+    for _ in range(3):  # 'auto' steps exactly as the method it resolved to
+        assert auto.step() == chosen.step()
+    assert torch.equal(auto.potential(), chosen.potential())
     # A fit interrupted under another method (the default before 'auto') says which setting resumes it.
     saved = PotentialFitter(y, FitterOptions(method="sgd_tail", batch_size=64)).state_dict()
     with pytest.raises(UserError, match="set potential.method = 'sgd_tail'"):
         auto.load_state_dict(saved)
     # With PCA the matching space is the PCA space: 8 dimensions, sgd_tail.
     fitter = PotentialFitter(y, FitterOptions(batch_size=64, pca_dim=8))
+    tail = PotentialFitter(y, FitterOptions(method="sgd_tail", batch_size=64, pca_dim=8))
     assert fitter.method == "sgd_tail" and fitter.state_dict()["method"] == "sgd_tail"
+    assert fitter.lr == tail.lr and fitter.step() == tail.step()
 
 
 def test_the_default_fitters_cells_converge_to_the_known_optimal_cells():

@@ -1,4 +1,5 @@
-"""The step size and averaging weight of ``sgd_tail``, shared by the fitter and the coarse start.
+"""The step size and averaging weight of ``sgd_tail``, shared by the fitter and the coarse start
+(which always uses the defaults T0 = 100 and η = 3, whatever the fitter's options).
 
 Step t (1-based) of SGD takes lr0 / sqrt(1 + t / T0), and the tail average takes
 ḡ_t = ḡ_{t-1} + w_t (g_t - ḡ_{t-1}) with w_t = (1 + η) / (t + η): iterate s then weighs ∝ s^η
