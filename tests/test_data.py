@@ -13,17 +13,18 @@ def test_synthetic_sets_are_seeded_2d(name):
     a = load_dataset(DataConfig(name=name, num_points=500, num_eval=100))
     b = load_dataset(DataConfig(name=name, num_points=500, num_eval=100))
     assert a.x.shape == (500, 2) and a.x_eval.shape == (100, 2)
-    assert torch.equal(a.x, b.x) and a.fingerprint == b.fingerprint
+    assert torch.equal(a.x.dense(), b.x.dense()) and a.fingerprint == b.fingerprint
     c = load_dataset(DataConfig(name=name, num_points=500, num_eval=100, seed=1))
     assert c.fingerprint != a.fingerprint
-    assert torch.isfinite(a.x).all()
+    assert torch.isfinite(a.x.dense()).all()
 
 
 def test_eight_gaussians_modes():
     d = load_dataset(DataConfig(name="8gaussians", num_points=4000))
-    r = d.x.norm(dim=1)
+    x = d.x.dense()
+    r = x.norm(dim=1)
     assert abs(r.mean().item() - 5.0) < 0.2
-    angles = torch.atan2(d.x[:, 1], d.x[:, 0]) / (torch.pi / 4)
+    angles = torch.atan2(x[:, 1], x[:, 0]) / (torch.pi / 4)
     assert (angles - angles.round()).abs().mean() < 0.15
 
 
@@ -41,10 +42,10 @@ def test_digits_labels_and_split():
     d = load_dataset(DataConfig(name="digits", conditional=True))
     assert d.shape == (1, 8, 8) and d.num_classes == 10
     assert len(d) + len(d.x_eval) == 1797
-    assert d.x.min() >= -1 and d.x.max() <= 1
+    assert d.x.dense().min() >= -1 and d.x.dense().max() <= 1
     # held-out points are not in the training set
-    train = {tuple(r) for r in d.x.flatten(1).numpy().round(4)}
-    assert sum(tuple(r) in train for r in d.x_eval.flatten(1).numpy().round(4)) < 10
+    train = {tuple(r) for r in d.x.dense().flatten(1).numpy().round(4)}
+    assert sum(tuple(r) in train for r in d.x_eval.dense().flatten(1).numpy().round(4)) < 10
 
 
 @pytest.mark.skipif(
@@ -70,7 +71,7 @@ def test_user_files(tmp_path):
     imgs = np.random.default_rng(0).integers(0, 256, size=(50, 8, 8), dtype=np.uint8)
     save_file({"x": imgs}, str(tmp_path / "c.safetensors"))
     d = load_dataset(DataConfig(name="file", path=str(tmp_path / "c.safetensors")))
-    assert d.shape == (1, 8, 8) and d.x.min() >= -1 and d.x.max() <= 1
+    assert d.shape == (1, 8, 8) and d.x.dense().min() >= -1 and d.x.dense().max() <= 1
 
 
 def test_image_folder_with_classes(tmp_path):

@@ -1,5 +1,6 @@
 """Datasets (train/eval split, labels, fingerprint), the source distribution and a resumable stream
-of minibatch indices."""
+of minibatch indices. Points stay in their stored dtype (``sdfm.data.points``); large datasets are
+packs (``sdfm.data.pack``) that every process memory-maps."""
 
 from __future__ import annotations
 
@@ -12,23 +13,41 @@ from torch import Tensor
 
 from sdfm.config import DataConfig
 from sdfm.data import files, synthetic
+from sdfm.data.points import Points
 from sdfm.data.synthetic import Source, sample_source
 from sdfm.errors import UserError
 
-__all__ = ["Dataset", "DataStream", "Source", "load_dataset", "sample_source", "fingerprint"]
+__all__ = ["Dataset", "DataStream", "Points", "Source", "load_dataset", "sample_source", "fingerprint"]
 
 
-def fingerprint(x: Tensor, labels: Tensor | None, source: Tensor | None = None) -> str:
-    """A short content hash of the training points (and labels, and the points of a file source):
-    equal data, equal fingerprint."""
+def fingerprint(x: Points | Tensor, labels: Tensor | None, source: Tensor | None = None) -> str:
+    """A short content hash of the training points as float32 (and labels, and the points of a file
+    source): equal data, equal fingerprint. Streams the points in chunks (no float32 copy of them)."""
     h = hashlib.sha256()
     h.update(str(tuple(x.shape)).encode())
-    h.update(x.detach().cpu().contiguous().numpy().tobytes())
+    chunks = x.chunks() if isinstance(x, Points) else [x.detach().cpu().contiguous()]
+    for chunk in chunks:
+        h.update(chunk.contiguous().numpy().tobytes())
+    _hash_rest(h, labels, source)
+    return h.hexdigest()[:16]
+
+
+def _hash_rest(h, labels: Tensor | None, source: Tensor | None) -> None:
     if labels is not None:
         h.update(labels.cpu().contiguous().numpy().tobytes())
     if source is not None:
         h.update(b"source")
         h.update(source.detach().cpu().contiguous().numpy().tobytes())
+
+
+def pack_run_fingerprint(pack_fingerprint: str, x: Points, labels: Tensor | None, source: Tensor | None) -> str:
+    """The fingerprint of a training set taken from a pack: the pack's own (computed once, when it was
+    packed) with the rows of the pack this set holds, their labels and the source points. Costs
+    milliseconds, since it never reads the points."""
+    h = hashlib.sha256()
+    h.update(f"pack {pack_fingerprint} {tuple(x.shape)}".encode())
+    h.update(b"all" if x.rows is None else x.rows.contiguous().numpy().tobytes())
+    _hash_rest(h, labels, source)
     return h.hexdigest()[:16]
 
 
@@ -38,24 +57,28 @@ class Dataset:
 
     Attributes:
         name: dataset name ('moons', 'digits', 'file:<path>', ...).
-        x: (N, *shape) float32 training points.
+        x: the N training points (``Points``: stored compactly, often memory-mapped; ``x.take(idx,
+            device)`` reads rows as float32 on a device, ``x[idx]`` on the host).
         labels: (N,) int64 classes or None.
-        x_eval: (M, *shape) held-out points, never trained on.
+        x_eval: the M held-out points, never trained on (``Points``).
         labels_eval: (M,) int64 or None.
         num_classes: number of classes (0 without labels).
         fingerprint: content hash of x and labels (see ``fingerprint``), and of the source points
-            when the source is a file (a potential or checkpoint depends on both).
+            when the source is a file (a potential or checkpoint depends on both); for a pack, derived
+            from the pack's fingerprint (``pack_run_fingerprint``).
         source: the source distribution of x0 (``data.source``).
+        pack_fingerprint: the fingerprint of the pack the points come from, or None.
     """
 
     name: str
-    x: Tensor
+    x: Points
     labels: Tensor | None
-    x_eval: Tensor
+    x_eval: Points
     labels_eval: Tensor | None
     num_classes: int
     fingerprint: str
     source: Source = Source()
+    pack_fingerprint: str | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -67,15 +90,14 @@ class Dataset:
         return len(self.shape) == 3
 
     def __len__(self) -> int:
-        return self.x.shape[0]
+        return len(self.x)
 
 
-def _split(x: np.ndarray, labels: np.ndarray | None, num_eval: int, seed: int, what: str):
+def _split(x: Points, labels: np.ndarray | None, num_eval: int, seed: int, what: str):
     """Hold out min(num_eval, N // 5) points chosen by a seeded permutation (num_eval = 0: none, every
-    point trains)."""
+    point trains). Both parts are row sets of the same storage, not copies."""
     if num_eval == 0:
-        none = np.zeros((0, *x.shape[1:]), x.dtype)
-        return x, labels, none, None if labels is None else labels[:0]
+        return x, labels, x.subset(np.zeros(0, np.int64)), None if labels is None else labels[:0]
     num_eval = min(num_eval, len(x) // 5)
     if num_eval < 2:
         raise UserError(
@@ -83,63 +105,82 @@ def _split(x: np.ndarray, labels: np.ndarray | None, num_eval: int, seed: int, w
         )
     perm = np.random.default_rng(seed).permutation(len(x))
     ev, tr = perm[:num_eval], perm[num_eval:]
-    return x[tr], None if labels is None else labels[tr], x[ev], None if labels is None else labels[ev]
+    return (
+        x.subset(tr),
+        None if labels is None else labels[tr],
+        x.subset(ev),
+        None if labels is None else labels[ev],
+    )
+
+
+def _dense(x: Tensor) -> Points:
+    return Points(x.contiguous())
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load or generate the dataset named by ``cfg`` (see DataConfig for the choices)."""
+    """Load or generate the dataset named by ``cfg`` (see DataConfig for the choices). Packs and .npy
+    files stay memory-mapped; nothing here converts the points to float32."""
+    pack_fp = None
     if cfg.name in synthetic.SETS:
         gen = torch.Generator().manual_seed(cfg.seed)
-        x = synthetic.SETS[cfg.name](cfg.num_points, gen).numpy()
-        x_eval = synthetic.SETS[cfg.name](cfg.num_eval, gen).numpy()
+        x = _dense(synthetic.SETS[cfg.name](cfg.num_points, gen))
+        x_eval = _dense(synthetic.SETS[cfg.name](cfg.num_eval, gen))
         labels = labels_eval = None
     elif cfg.name == "digits":
         x, labels, x_eval, labels_eval = _split(*files.load_digits(), cfg.num_eval, cfg.seed, "digits")
     elif cfg.name == "fashion-mnist":
         x, labels = files.load_fashion_mnist("train")
         x_eval, labels_eval = files.load_fashion_mnist("test")
-        x_eval, labels_eval = x_eval[: cfg.num_eval], labels_eval[: cfg.num_eval]
+        keep = np.arange(min(cfg.num_eval, len(x_eval)))
+        x_eval, labels_eval = x_eval.subset(keep), labels_eval[keep]
     elif cfg.name == "file":
-        x, labels, x_eval, labels_eval = _split(
-            *files.load_file(cfg.path), cfg.num_eval, cfg.seed, f"data.path {cfg.path}"
-        )
+        got = files.load_file(cfg.path)
+        pack_fp = got.pack_fingerprint
+        if got.eval_x is not None:  # the pack carries its own held-out set
+            keep = np.arange(min(cfg.num_eval, len(got.eval_x)))
+            x, labels = got.x, got.labels
+            x_eval = got.eval_x.subset(keep)
+            labels_eval = None if got.eval_labels is None else got.eval_labels[keep]
+        else:
+            x, labels, x_eval, labels_eval = _split(got.x, got.labels, cfg.num_eval, cfg.seed, f"data.path {cfg.path}")
     else:
         raise UserError(f"unknown data.name '{cfg.name}'")
     source = Source(cfg.source)
     if cfg.source == "file":
-        points, _ = files.load_file(cfg.source_path, "data.source_path")
-        if points.shape[1:] != x.shape[1:]:
+        got = files.load_file(cfg.source_path, "data.source_path")
+        if tuple(got.x.shape[1:]) != tuple(x.shape[1:]):
             raise UserError(
-                f"data.source_path {cfg.source_path} holds points of shape {points.shape[1:]} but the data's are "
-                f"{x.shape[1:]}; use a source file of the data's point shape"
+                f"data.source_path {cfg.source_path} holds points of shape {tuple(got.x.shape[1:])} but the data's are "
+                f"{tuple(x.shape[1:])}; use a source file of the data's point shape"
             )
-        source = Source("file", torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)))
-    elif cfg.source != "normal" and x.shape[1:] != (2,):
+        source = Source("file", got.x.dense())
+    elif cfg.source != "normal" and tuple(x.shape[1:]) != (2,):
         raise UserError(
-            f"data.source='{cfg.source}' is a 2-D distribution but the data has shape {x.shape[1:]}; use data.source='normal'"
+            f"data.source='{cfg.source}' is a 2-D distribution but the data has shape {tuple(x.shape[1:])}; use data.source='normal'"
         )
     if cfg.max_points and cfg.max_points < len(x):
         keep = np.sort(np.random.default_rng(cfg.seed + 1).permutation(len(x))[: cfg.max_points])
-        x, labels = x[keep], None if labels is None else labels[keep]
+        x, labels = x.subset(keep), None if labels is None else labels[keep]
     if cfg.conditional and labels is None:
         raise UserError(
             f"data.conditional=true needs labels but '{cfg.name}' has none; set data.conditional=false"
         )
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    lt = None if labels is None else torch.from_numpy(labels)
+    lt = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    le = None if labels_eval is None else torch.as_tensor(np.asarray(labels_eval), dtype=torch.long)
     name = cfg.name if cfg.name != "file" else f"file:{cfg.path}"
+    top = max(int(lt.max()) if lt is not None and len(lt) else -1, int(le.max()) if le is not None and len(le) else -1)
     return Dataset(
         name=name,
-        x=xt,
+        x=x,
         labels=lt,
-        x_eval=torch.from_numpy(np.ascontiguousarray(x_eval, dtype=np.float32)),
-        labels_eval=None if labels_eval is None else torch.from_numpy(labels_eval),
-        num_classes=0
-        if labels is None
-        else int(max(labels.max(), labels_eval.max() if labels_eval is not None and len(labels_eval) else 0))
-        + 1,
-        fingerprint=fingerprint(xt, lt, source.points),
+        x_eval=x_eval,
+        labels_eval=le,
+        num_classes=0 if lt is None else top + 1,
+        fingerprint=pack_run_fingerprint(pack_fp, x, lt, source.points)
+        if pack_fp
+        else fingerprint(x, lt, source.points),
         source=source,
+        pack_fingerprint=pack_fp,
     )
 
 
