@@ -22,6 +22,7 @@ from typing import Annotated, Literal, Union
 import tyro
 
 from sdfm import config as config_mod
+from sdfm.bench.data import DataBench
 from sdfm.bench.exact import ExactBench
 from sdfm.bench.gpu_check import GpuCheck
 from sdfm.bench.match import MatchBench
@@ -205,6 +206,80 @@ class TrainClassifierCommand:
         ensure_classifier(self.data, force=self.force)
 
 
+@dataclass(kw_only=True)
+class DataPackCommand:
+    """Pack a dataset into one memory-mapped file that every training process shares.
+
+    SRC is a folder of images (class sub-folders give labels), a .npy/.npz/.safetensors array file,
+    or a built-in set (fashion-mnist, digits). Images are stored as uint8, vectors as float16/float32.
+    Train on it with --data.name file --data.path OUT.
+    """
+
+    src: tyro.conf.Positional[str]
+    """What to pack: an image folder, an array file, 'fashion-mnist' or 'digits'."""
+    out: tyro.conf.Positional[Path]
+    """The pack to write (a .safetensors file)."""
+    size: int | None = None
+    """Resize the shorter side of every image to SIZE and centre-crop SIZE x SIZE (image folders)."""
+    channels: Literal["auto", "1", "3"] = "auto"
+    """Channels of packed images (auto: 1 when the first image is grayscale, else 3)."""
+    workers: int = 0
+    """Image-decoding processes (0: one per core)."""
+    strict: bool = False
+    """Refuse a folder with an unreadable image instead of skipping it."""
+    overwrite: bool = False
+    """Replace OUT if it exists (the old pack stays until the new one is complete)."""
+
+    def run(self) -> None:
+        from sdfm.data.packer import pack_source
+
+        if self.workers < 0:
+            raise UserError(f"--workers {self.workers} must be 0 (one per core) or more")
+        r = pack_source(
+            self.src, self.out, size=self.size, channels=self.channels, workers=self.workers,
+            strict=self.strict, overwrite=self.overwrite, log=lambda m: print(m, file=sys.stderr),
+        )  # fmt: skip
+        rate = r.n / max(r.seconds, 1e-9)
+        skipped = f", {r.skipped} skipped" if r.skipped else ""
+        print(f"packed {r.n} points{skipped} into {r.path} in {r.seconds:.1f} s ({rate:.0f}/s), fingerprint {r.fingerprint}")
+
+
+@dataclass(kw_only=True)
+class DataInfoCommand:
+    """Print a pack's header: points, shape, stored dtype, scaling, classes, fingerprint."""
+
+    path: tyro.conf.Positional[Path]
+    """The pack."""
+
+    def run(self) -> None:
+        from sdfm.data.pack import open_pack
+
+        pack = open_pack(self.path)
+        for key, value in pack.meta.items():
+            print(f"{key:14s} {value}")
+        print(f"{'bytes':14s} {self.path.stat().st_size}")
+
+
+@dataclass(kw_only=True)
+class DataVerifyCommand:
+    """Re-hash a whole pack and compare with the fingerprint recorded when it was packed."""
+
+    path: tyro.conf.Positional[Path]
+    """The pack."""
+
+    def run(self) -> None:
+        from tqdm import tqdm
+
+        from sdfm.data.pack import open_pack, verify_pack
+
+        n = len(open_pack(self.path).x)
+        with tqdm(total=n, unit=" rows", desc="verifying", disable=not sys.stderr.isatty()) as bar:
+            pack = verify_pack(self.path, progress=bar.update)
+        print(f"{self.path}: ok, {n} points, fingerprint {pack.fingerprint}")
+
+
+DATA_COMMANDS = {"pack": DataPackCommand, "info": DataInfoCommand, "verify": DataVerifyCommand}
+DATA_HELP = "packed datasets: pack (make one), info (print its header), verify (re-hash it)"
 BENCHES = {
     "suite": SuiteBench,
     "sinkhorn": SinkhornBench,
@@ -213,6 +288,7 @@ BENCHES = {
     "quality": QualityBench,
     "exact": ExactBench,
     "overhead": OverheadBench,
+    "data": DataBench,
     "gpu-check": GpuCheck,
 }
 COMMANDS = {
@@ -225,7 +301,7 @@ COMMANDS = {
 }
 BENCH_HELP = (
     "benchmarks beside their peers: suite (named workloads with the goals), sinkhorn, match, potential, "
-    "quality, exact, overhead; gpu-check (the one-shot GPU check of launch/gpu-check.sh)"
+    "quality, exact, overhead, data (packed datasets of ImageNet size); gpu-check (the one-shot GPU check of launch/gpu-check.sh)"
 )
 
 
@@ -266,6 +342,8 @@ def _command_type(name: str | None, argv: list[str]):
         members.append(Annotated[cls, marker or tyro.conf.subcommand(key)])
     benches = Union[tuple(Annotated[cls, tyro.conf.subcommand(key)] for key, cls in BENCHES.items())]  # noqa: UP007
     members.append(Annotated[benches, tyro.conf.subcommand("bench", description=BENCH_HELP)])
+    data = Union[tuple(Annotated[cls, tyro.conf.subcommand(key)] for key, cls in DATA_COMMANDS.items())]  # noqa: UP007
+    members.append(Annotated[data, tyro.conf.subcommand("data", description=DATA_HELP)])
     return Union[tuple(members)]  # noqa: UP007
 
 
