@@ -71,7 +71,7 @@ def exact_velocity_of(run: LoadedRun):
         return None
     from sdfm.semidiscrete.velocity import ExactVelocity
 
-    return ExactVelocity(run.data.x, run.potential, run.data.labels if cfg.data.conditional else None)
+    return ExactVelocity(run.data.x.dense(), run.potential, run.data.labels if cfg.data.conditional else None)
 
 
 def velocity_of(model: nn.Module, labels: Tensor | None) -> Velocity:
@@ -139,7 +139,7 @@ def ensure_classifier(name: str, force: bool = False):
     if force and path.exists():
         path.unlink()
     model = get_classifier(
-        name, data.fingerprint, data.x, data.labels, data.x_eval, data.labels_eval, log=info
+        name, data.fingerprint, data.x.dense(), data.labels, data.x_eval.dense(), data.labels_eval, log=info
     )
     info(f"feature classifier for {name}: {path}")
     return model
@@ -148,7 +148,7 @@ def ensure_classifier(name: str, force: bool = False):
 def _quality(samples: Tensor, run: LoadedRun, classifier) -> dict[str, float]:
     from sdfm.metrics import classifier_frechet, mmd, wasserstein2
 
-    ref = run.data.x_eval
+    ref = run.data.x_eval.dense()
     if run.data.is_image:
         return {"fd": classifier_frechet(classifier, samples, ref)} if classifier is not None else {}
     return {"w2": wasserstein2(samples, ref), "mmd": mmd(samples, ref)}
@@ -252,9 +252,9 @@ def _picture(run: LoadedRun, samples: Tensor, x0: Tensor, labels: Tensor | None)
             run.model, x0[:300], None if labels is None else labels[:300], "euler", 32, trajectory=True
         )
         return scatter_2d(
-            samples, run.data.x_eval, traj.trajectory, title=f"{run.cfg.data.name}, step {run.step}"
+            samples, run.data.x_eval.dense(), traj.trajectory, title=f"{run.cfg.data.name}, step {run.step}"
         )
-    return scatter_2d(samples[:, :2], run.data.x_eval[:, :2], title="first two coordinates")
+    return scatter_2d(samples[:, :2], run.data.x_eval.dense()[:, :2], title="first two coordinates")
 
 
 def write_summary(result: dict[str, Any], path: Path, title: str) -> None:
@@ -415,7 +415,7 @@ def sample_to_file(args) -> Path:
         pic = (
             image_grid(res.x[:256], nrow=16)
             if run.data.is_image
-            else scatter_2d(res.x[:, :2], run.data.x_eval[:, :2])
+            else scatter_2d(res.x[:, :2], run.data.x_eval.dense()[:, :2])
         )
         save_png(pic, out)
     info(f"wrote {args.num} samples ({solver}, {res.nfe} NFE, step {run.step}) to {out}")

@@ -12,6 +12,11 @@ from ``DataStream.peek`` (the stream only moves when the step takes them), the d
 polls the coupling (a new potential from the worker) after taking its pairs and before launching the
 next ones, instead of before. With a worker, a new potential is therefore used one step later than
 without prefetching; with a fixed potential nothing differs.
+
+A coupling that pairs on the training device (a GPU solver, or one that talks to other ranks) still
+gets the next step's data rows gathered ahead in that thread: the rows are read in their stored dtype
+from the (memory-mapped) dataset into pinned memory while the step trains, and copied to the device
+without blocking, where they are converted to float32 (``Points.take``). The same bytes either way.
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ class PairSource:
         rows: this rank's rows [lo, hi) of every global batch.
         conditional: whether pairs carry labels.
         device: where the step trains; a coupling that is not prefetchable pairs there.
-        prefetch: compute the next step's pairs ahead when the coupling allows it.
+        prefetch: compute the next step's pairs ahead when the coupling allows it, else gather the
+            next step's data rows ahead.
     """
 
     def __init__(
@@ -80,14 +86,20 @@ class PairSource:
         self.on_cpu = getattr(coupling, "prefetchable", False)  # pairs on the CPU, then moved
         self.device = torch.device("cpu") if self.on_cpu else device
         self.prefetching = prefetch and self.on_cpu
+        self.gather_ahead = prefetch and not self.on_cpu
         self._pool: ThreadPoolExecutor | None = None  # started by the first prefetch, stopped by close
         self._pending: tuple[int, Tensor, Future] | None = None
+        self._rows_ahead: tuple[int, Tensor, Future] | None = None  # the next step's stored rows
         self.prefetched = 0  # steps whose pairs came from the background thread
 
-    def _pair(self, step: int, idx: Tensor) -> StepPairs:
-        """Pairs of step ``step`` for the data rows ``idx`` (this rank's)."""
+    def _pair(self, step: int, idx: Tensor, stored: Tensor | None = None) -> StepPairs:
+        """Pairs of step ``step`` for the data rows ``idx`` (this rank's); ``stored``: those rows as
+        gathered ahead (``Points.gather``), else they are gathered now."""
         lo, hi = self.rows
-        x1 = self.data.x[idx].to(self.device)
+        if stored is None:
+            x1 = self.data.x.take(idx, self.device)  # gathered as stored, converted on the device
+        else:
+            x1 = self.data.x.convert(stored, self.device)
         labels = self.data.labels[idx].to(self.device) if self.conditional else None
         x0, t = draw_rows(self.data.source, self.data.shape, self.seed, step, lo, hi)
         start = time.perf_counter()
@@ -100,7 +112,12 @@ class PairSource:
         begin = time.perf_counter()
         if not self.prefetching:
             self.coupling.poll()  # a new dual potential from the worker is swapped in here, between steps
-            result = self._pair(step, self.stream.next()[lo:hi])
+            idx = self.stream.next()[lo:hi]
+            result = self._pair(step, idx, self._gathered(step, idx))
+            if self.gather_ahead:
+                ahead = self.stream.peek()[lo:hi]
+                pin = self.device.type == "cuda"
+                self._rows_ahead = (step + 1, ahead, self._thread().submit(self.data.x.gather, ahead, pin=pin))
         else:
             idx = self.stream.next()[lo:hi]
             pending, self._pending = self._pending, None
@@ -113,17 +130,29 @@ class PairSource:
                 result = self._pair(step, idx)
             self.coupling.poll()  # after the pairs are taken, before the next ones start
             ahead = self.stream.peek()[lo:hi]
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="sdfm-pairs")
-            self._pending = (step + 1, ahead, self._pool.submit(self._pair, step + 1, ahead))
+            self._pending = (step + 1, ahead, self._thread().submit(self._pair, step + 1, ahead))
         result.wait_ms = 1000 * (time.perf_counter() - begin)
         return result
 
+    def _thread(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sdfm-pairs")
+        return self._pool
+
+    def _gathered(self, step: int, idx: Tensor) -> Tensor | None:
+        """The rows of ``step`` gathered ahead, when they are the ones asked for (not after a resume)."""
+        ahead, self._rows_ahead = self._rows_ahead, None
+        if ahead is None:
+            return None
+        stored = ahead[2].result()
+        return stored if ahead[0] == step and torch.equal(ahead[1], idx) else None
+
     def close(self) -> None:
         """Wait for a pair computation still running and stop the thread."""
-        if self._pending is not None:
-            self._pending[2].result()
-            self._pending = None
+        for pending in (self._pending, self._rows_ahead):
+            if pending is not None:
+                pending[2].result()
+        self._pending = self._rows_ahead = None
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

@@ -193,7 +193,7 @@ class Trainer:
             else:
                 info(f"learned path: fitting the schedule ({m.schedule_steps} steps)")
                 fit = fit_schedule(
-                    self.data.x, degree=m.schedule_degree, per_dim=m.schedule_per_dim, steps=m.schedule_steps,
+                    self.data.x.dense(), degree=m.schedule_degree, per_dim=m.schedule_per_dim, steps=m.schedule_steps,
                     batch=m.schedule_batch, lr=m.schedule_lr, topk=m.schedule_topk, seed=self.cfg.train.seed,
                     log=info,
                 )  # fmt: skip
@@ -245,7 +245,7 @@ class Trainer:
             return data.source.draw(n, data.shape, generator).to(self.device)
 
         return SemidiscreteAcceleration(
-            data.x.to(self.device), self.method.target, cfg.method.oat_alpha, build, fit, source
+            data.x.dense(self.device), self.method.target, cfg.method.oat_alpha, build, fit, source
         )
 
     @property

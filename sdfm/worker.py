@@ -171,7 +171,7 @@ def _fit_and_publish(run_dir, cfg, data, device, comm, pg, max_steps: int, log, 
     main = pg.env.is_main
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    fitter = fit_setup(cfg, data).fitter(data.x.flatten(1), device, comm)
+    fitter = fit_setup(cfg, data).fitter(data.x.flat(), device, comm)
     state_path = out / STATE_FILE
     state = _read_state(out, log) if main else None
     state = pg.broadcast_object(state)

@@ -225,7 +225,7 @@ def _problems(args: MatchBench):
     from sdfm.data import files
 
     images = files.load_digits()[0] if args.data == "digits" else files.load_fashion_mnist("train")[0]
-    points = torch.from_numpy(images).flatten(1)
+    points = images.flat().dense()
     for n in sorted({min(n, len(points)) for n in args.N}):
         gen = torch.Generator().manual_seed(args.seed)
         keep = torch.randperm(len(points), generator=gen)[:n].sort().values

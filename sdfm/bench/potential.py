@@ -113,10 +113,10 @@ def _load(args: PotentialBench) -> tuple[str, Tensor]:
     gen = torch.Generator().manual_seed(args.seed)
     if args.data == "digits":
         x, _ = files.load_digits()  # all 1,797 images, no held-out split: this is not training
-        y = torch.from_numpy(x).flatten(1)
+        y = x.flat().dense()
     elif args.data == "fashion-mnist":
         x, _ = files.load_fashion_mnist("train")
-        y = torch.from_numpy(x).flatten(1)
+        y = x.flat().dense()
     elif args.data in SYNTHETIC:
         from sdfm.data.synthetic import SETS
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from sdfm.config import PotentialConfig
 from sdfm.couplings.base import Coupling, Pairs
+from sdfm.data.points import Points
 from sdfm.errors import UserError
 from sdfm.semidiscrete.index import MatchIndex
 from sdfm.semidiscrete.potential_file import Potential, load_potential
@@ -55,7 +56,8 @@ class SemidiscreteCoupling(Coupling):
     """Pairs noise with data points of the whole dataset by semidiscrete OT.
 
     Args:
-        y: (N, *shape) the dataset's training points.
+        y: (N, *shape) the dataset's training points: a tensor, or ``Points`` (stored compactly, e.g. a
+            memory-mapped pack), which stay where they are stored; the index reads them in chunks.
         labels: (N,) classes; with ``per_class`` queries only match points of their own class.
         cfg: the [potential] config (epsilon, index backend, pca_dim, topk).
         fingerprint: dataset fingerprint every potential must carry.
@@ -68,7 +70,7 @@ class SemidiscreteCoupling(Coupling):
 
     def __init__(
         self,
-        y: Tensor,
+        y: Tensor | Points,
         labels: Tensor | None,
         cfg: PotentialConfig,
         fingerprint: str,
@@ -77,16 +79,22 @@ class SemidiscreteCoupling(Coupling):
         device: torch.device | None = None,
         index=None,
     ):
-        # The data lives where the index does: the matched points are gathered there, with no host
-        # round trip per step, and an fp32 index's keys share this tensor's storage.
-        self.y = y.to(device) if device is not None and index is None else y
+        if isinstance(y, Points):
+            # Stored data stays on the host (one mapped copy per machine); each step reads its
+            # matched rows and converts them on the step's device.
+            self.y, flat, home = y, y.flat(), torch.device("cpu")
+        else:
+            # A tensor lives where the index does: the matched points are gathered there, with no
+            # host round trip per step, and an fp32 index's keys share this tensor's storage.
+            self.y = y.to(device) if device is not None and index is None else y
+            flat, home = self.y.flatten(1), self.y.device
         self.cfg, self.fingerprint, self.per_class, self.warn = cfg, fingerprint, per_class, warn
-        self.labels = None if labels is None else labels.to(self.y.device)
+        self.labels = None if labels is None else labels.to(home)
         self.index = (
             index
             if index is not None
             else MatchIndex(
-                self.y.flatten(1),
+                flat,
                 backend=cfg.index,
                 labels=self.labels if per_class else None,
                 pca_dim=cfg.pca_dim,
@@ -156,9 +164,11 @@ class SemidiscreteCoupling(Coupling):
                 q, self.cfg.epsilon, generator, k=self.cfg.topk, query_labels=query_labels
             )
         self.pairs_since_update += 1
-        at = index.to(self.y.device)  # the dataset may stay on the CPU while the index is on the GPU
+        home = torch.device("cpu") if isinstance(self.y, Points) else self.y.device
+        at = index.to(home)  # the dataset may stay on the CPU while the index is on the GPU
         out_labels = None if labels is None or self.labels is None else self.labels[at].to(x0.device)
-        return Pairs(x0=x0, x1=self.y[at].to(x0.device), labels=out_labels, index=index)
+        x1 = self.y.take(at, x0.device) if isinstance(self.y, Points) else self.y[at].to(x0.device)
+        return Pairs(x0=x0, x1=x1, labels=out_labels, index=index)
 
     def stats(self) -> dict[str, float]:
         return {

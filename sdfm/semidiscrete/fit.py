@@ -399,7 +399,7 @@ def fit_and_save(
     saves an interrupted fit, and where the next call continues it from (deleted once saved)."""
     setup = fit_setup(cfg, data)
     result = fit_potential(
-        data.x.flatten(1),
+        data.x.flat(),
         setup.options,
         setup.budget,
         labels=setup.labels,

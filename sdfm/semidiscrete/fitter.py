@@ -225,7 +225,7 @@ class PotentialFitter:
     def _coarse_start(self) -> None:
         """g <- ``coarse_start`` of each class block (the blocks are independent problems)."""
         p = self.problem
-        keys = p.index.keys(p.y)
+        keys = p.index.data_keys(p.y)
         gen = torch.Generator(device=self.generator.device).manual_seed(
             int(self.generator.initial_seed()) + 1
         )
@@ -243,7 +243,7 @@ class PotentialFitter:
         singular covariance).
         """
         p = self.problem
-        keys = p.index.keys(p.y)
+        keys = p.index.data_keys(p.y)
         for rows in p.rows:
             k = keys[rows].double()
             centered = k - k.mean(0)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from sdfm import kernels
+from sdfm.data.points import Points
 from sdfm.errors import UserError
 from sdfm.semidiscrete.backends import FaissBlock, FaissGpuBlock, TorchBlock, TritonBlock, faiss_gpu_available
 from sdfm.semidiscrete.pca import PCA
@@ -149,7 +150,8 @@ class MatchIndex:
     """Exact k*(x) = argmax_j <x, y_j> + g_j against all N points, with a cheaply replaceable g.
 
     Args:
-        y: (N, d) data points (flatten images first).
+        y: (N, d) data points (flatten images first): a tensor, or ``Points`` (e.g. a memory-mapped pack,
+            ``Points.flat()``), read in chunks straight into the keys.
         backend: 'torch' (chunked matmul + bias + running argmax), 'faiss' (flat index over [y; g]),
             'triton' (the fused kernel; CUDA, or TRITON_INTERPRET=1) or 'auto' (the faster of triton and
             torch per shape class on CUDA, torch elsewhere); see the module docstring.
@@ -183,7 +185,7 @@ class MatchIndex:
 
     def __init__(
         self,
-        y: Tensor,
+        y: Tensor | Points,
         *,
         backend: Backend = "torch",
         labels: Tensor | None = None,
@@ -193,14 +195,15 @@ class MatchIndex:
         precision: Precision | None = None,
         candidates: int = 16,
     ):
-        if y.ndim != 2 or y.shape[0] == 0:
+        if len(y.shape) != 2 or y.shape[0] == 0:
             raise UserError(
                 f"MatchIndex needs data points of shape (N, d); got {tuple(y.shape)}. Flatten images first"
             )
         if backend not in BACKENDS:
             raise UserError(f"unknown matching backend '{backend}'; use one of {', '.join(BACKENDS)}")
+        home = torch.device("cpu") if isinstance(y, Points) else y.device
         if backend == "triton":
-            kernels.require_triton(device if device is not None else y.device)
+            kernels.require_triton(device if device is not None else home)
         n, d = y.shape
         if not 0 <= pca_dim <= d:
             raise UserError(
@@ -213,11 +216,11 @@ class MatchIndex:
                 f"labels have shape {tuple(labels.shape)} but there are {n} points; pass one label per point"
             )
         self.n, self.dim, self.backend = n, d, backend
-        self.device = torch.device(device) if device is not None else y.device
+        self.device = torch.device(device) if device is not None else home
         check_precision(backend, precision or "fp32", self.device)  # before touching the device
         if candidates < 1:
             raise UserError(f"candidates={candidates} must be at least 1")
-        self.pca = PCA.fit(y, pca_dim) if pca_dim > 0 else None
+        self.pca = PCA.fit(y, pca_dim, self.device) if pca_dim > 0 else None
         keys = self.keys(y)
         largest = float(keys.abs().max())
         if precision is None:
@@ -247,6 +250,10 @@ class MatchIndex:
                 self._blocks.append(TritonBlock(block_keys, chunk_size, auto=backend == "auto"))
         self.potential = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.last_refresh_seconds = 0.0
+        # The keys of all points, when a block holds them whole anyway (unlabeled torch or triton):
+        # ``data_keys`` hands them out instead of building a second copy.
+        whole = not self.labeled and backend in ("torch", "triton", "auto")
+        self._whole_keys = self._blocks[0].exact if whole and self._blocks[0].exact.data_ptr() == keys.data_ptr() else None
 
     @property
     def classes(self) -> list[int]:
@@ -283,11 +290,24 @@ class MatchIndex:
             torch.cuda.synchronize(self.device)
         self.last_refresh_seconds = time.perf_counter() - start
 
-    def keys(self, y: Tensor) -> Tensor:
+    def keys(self, y: Tensor | Points) -> Tensor:
         """Points y (N, d) in the matching space: (N, p) PCA keys (y - m) V, else y; float32 on the
-        index device (a fresh tensor; the index keeps its own copy for searching)."""
+        index device (a fresh tensor; the index keeps its own copy for searching). ``Points`` are read
+        in chunks straight into the keys on the device: no float32 copy of y besides the keys."""
+        if isinstance(y, Points):
+            out = torch.empty(len(y), self.pca.components.shape[1] if self.pca else y.dim, device=self.device)
+            start = 0
+            for chunk in y.chunks(device=self.device):
+                out[start : start + len(chunk)] = self.pca.keys(chunk) if self.pca else chunk
+                start += len(chunk)
+            return out
         y = y.to(self.device)
         return self.pca.keys(y) if self.pca else y.to(torch.float32)
+
+    def data_keys(self, y: Tensor | Points) -> Tensor:
+        """``keys(y)`` of the index's own points y: the keys it searches when it holds them whole (no
+        copy; read only), else computed."""
+        return self._whole_keys if self._whole_keys is not None else self.keys(y)
 
     def project(self, x: Tensor) -> Tensor:
         """Queries (B, d) in the matching space: (B, p) with PCA, else (B, d); float32 on the index device."""

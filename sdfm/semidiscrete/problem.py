@@ -67,9 +67,11 @@ def problem_scales(keys: Tensor, sample: int = 512) -> tuple[float, float]:
             size at which SGD's noise reaches a given χ̂² is proportional to delta within a factor 2,
             while it varies 10x relative to s. Exact duplicates are ignored.
     """
-    centered = keys - keys.mean(0)
-    s = float(centered.square().sum(1).mean().sqrt())
     n = keys.shape[0]
+    mean = keys.mean(0)
+    # Chunked: keys of a large dataset have no room for a centered copy beside them.
+    sq = sum(float((keys[i : i + 65536] - mean).square().sum(1).double().sum()) for i in range(0, n, 65536))
+    s = math.sqrt(sq / max(n, 1))
     if n < 2 or s == 0:
         return max(s, 1e-12), max(s, 1e-12)
     gen = torch.Generator().manual_seed(0)
@@ -162,13 +164,13 @@ class SemidiscreteProblem:
             self.grad_scale[rows] = size / self.n / share
             self.class_size[rows] = float(size)
             self.class_share[rows] = float(share)
-        self.score_scale, self.cell_scale = problem_scales(self.index.keys(y))
+        self.score_scale, self.cell_scale = problem_scales(self.index.data_keys(y))
         self._soft_keys: list[Tensor] | None = None
 
     def soft_keys(self) -> list[Tensor]:
         """(n_c, p) float32 keys of each class for the ε > 0 softmax, built on first use."""
         if self._soft_keys is None:
-            keys = self.index.keys(self.y)
+            keys = self.index.data_keys(self.y)
             self._soft_keys = [keys[rows].contiguous() for rows in self.rows]
         return self._soft_keys
 
