@@ -284,6 +284,8 @@ def heartbeat_age(run_dir: Path) -> float | None:
 def record_dataset(run_dir: Path, data: Dataset) -> None:
     """Write RUN/dataset.json: the dataset a run belongs to (checked by workers and resumes)."""
     info_ = {"name": data.name, "fingerprint": data.fingerprint, "n": len(data), "shape": list(data.shape)}
+    if data.pack_fingerprint is not None:  # the pack's own, computed once when it was packed
+        info_["pack_fingerprint"] = data.pack_fingerprint
     write_atomic(Path(run_dir) / DATASET_FILE, json.dumps(info_, indent=1).encode())
 
 
@@ -301,6 +303,12 @@ def check_dataset(run_dir: Path, data: Dataset) -> None:
             "rewrite it with `sdfm train --resume` on the run"
         ) from None
     if recorded != data.fingerprint:
+        pack = rec.get("pack_fingerprint") if isinstance(rec, dict) else None
+        if pack and data.pack_fingerprint and pack != data.pack_fingerprint:
+            raise UserError(
+                f"run folder {run_dir} was trained on a pack with fingerprint {pack}, but {data.name} now holds a "
+                f"pack with fingerprint {data.pack_fingerprint} (the file changed); restore the run's pack"
+            )
         raise UserError(
             f"run folder {run_dir} belongs to dataset {name} (fingerprint {recorded}), but the configured "
             f"data is {data.name} (fingerprint {data.fingerprint}); point at the run's own folder/config"

@@ -338,3 +338,34 @@ def test_training_on_a_pack_resumes_exactly_and_refuses_a_changed_pack(tmp_path)
     pack_source(str(tmp_path / "b.npz"), out, overwrite=True, progress=False, log=_quiet)
     with pytest.raises(UserError, match="fingerprint"):
         _train(_cfg(out, 6), tmp_path / "full", resume=True)
+
+
+def test_index_over_stored_points_holds_no_float_copy_and_matches_the_dense_index():
+    """A CPU index of uint8 points searches the stored bytes (StoredKeys) and answers as float64
+    brute force does over the float points, with and without classes; the coupling pairs agree too."""
+    from sdfm.config import PotentialConfig
+    from sdfm.couplings.semidiscrete import SemidiscreteCoupling
+    from sdfm.data.points import Points
+    from sdfm.semidiscrete.backends import StoredKeys
+    from sdfm.semidiscrete.index import MatchIndex, reference_argmax
+
+    gen = torch.Generator().manual_seed(0)
+    stored = torch.randint(0, 256, (3000, 1, 6, 6), dtype=torch.uint8, generator=gen)
+    points = Points(stored, divisor=127.5, offset=-1.0)
+    dense = points.dense().flatten(1)
+    labels = torch.randint(0, 3, (3000,), generator=gen)
+    g = torch.randn(3000, generator=gen)
+    x = torch.randn(200, 36, generator=gen) * 3
+    ql = torch.randint(0, 3, (200,), generator=gen)
+    for lab, qlab in ((None, None), (labels, ql)):
+        index = MatchIndex(points.flat(), labels=lab)
+        assert all(isinstance(b.exact, StoredKeys) for b in index._blocks)
+        index.set_potential(g)
+        want = reference_argmax(x, dense, g, labels=lab, query_labels=qlab)
+        assert torch.equal(index.search(x, qlab), want)
+        assert torch.equal(index.topk(x, 5, qlab).index[:, 0], want)
+    coupling = SemidiscreteCoupling(points, labels, PotentialConfig(), "fp", per_class=True)
+    coupling.set_potential(g, 1)
+    pairs = coupling.pair(x.view(200, 1, 6, 6), dense[:200].view(200, 1, 6, 6), ql, gen)
+    assert torch.equal(pairs.index, reference_argmax(x, dense, g, labels=labels, query_labels=ql))
+    assert torch.equal(pairs.x1, points.dense()[pairs.index]) and torch.equal(pairs.labels, labels[pairs.index])

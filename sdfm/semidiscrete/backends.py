@@ -25,12 +25,81 @@ import torch
 from torch import Tensor
 
 from sdfm import kernels
+from sdfm.data.points import Points
 from sdfm.ot.reductions import mm_fp32_out
 from sdfm.semidiscrete.rescore import exact_argmax, rescore, score_error_bound
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-__all__ = ["DTYPES", "FaissBlock", "FaissGpuBlock", "TorchBlock", "TritonBlock", "faiss_gpu_available"]
+__all__ = [
+    "DTYPES",
+    "FaissBlock",
+    "FaissGpuBlock",
+    "StoredKeys",
+    "TorchBlock",
+    "TritonBlock",
+    "faiss_gpu_available",
+    "max_abs",
+    "max_row_norm",
+]
+
+
+class StoredKeys:
+    """fp32 keys read on demand from points stored compactly (uint8 images, float16 vectors): the
+    matching index of a large dataset then holds no float32 copy of it. Each slice or set of rows is
+    converted to float32 when a search reads it (``Points.take``), so a search pays one conversion of
+    the keys it scans on top of its products: negligible for the fitter's batches of 1,024 queries
+    (one conversion per 1,024 products), about as much as the products for a trainer's batch of 16.
+
+    Args:
+        points: (n, d) flat points (``Points.flat()``), memory-mapped or in memory.
+        device: where the converted rows go (the index device).
+    """
+
+    def __init__(self, points: Points, device: torch.device):
+        self.points, self.device = points, torch.device(device)
+        self.shape = torch.Size((len(points), points.dim))
+        self.dtype = torch.float32
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx: slice | Tensor) -> Tensor:
+        """fp32 keys of the rows ``idx`` (a slice, or an index tensor of any shape: (*idx.shape, d))."""
+        if isinstance(idx, slice):
+            return self.points.take(idx, self.device)
+        flat = idx.reshape(-1).cpu()
+        return self.points.take(flat, self.device).reshape(*idx.shape, self.shape[1])
+
+    def float(self) -> StoredKeys:
+        return self
+
+    def contiguous(self) -> StoredKeys:
+        return self
+
+    def subset(self, rows: Tensor) -> StoredKeys:
+        """The keys of ``rows`` (a class block), still stored compactly."""
+        return StoredKeys(self.points.subset(rows.cpu()), self.device)
+
+    def chunks(self, rows: int = 65536):
+        for start in range(0, self.shape[0], rows):
+            yield self[start : start + rows]
+
+
+def max_row_norm(keys: Tensor | StoredKeys) -> float:
+    """max_j |y_j| over the keys (read in chunks when they are stored compactly)."""
+    if not len(keys):
+        return 0.0
+    if isinstance(keys, StoredKeys):
+        return max(float(c.norm(dim=1).max()) for c in keys.chunks())
+    return float(keys.norm(dim=1).max())
+
+
+def max_abs(keys: Tensor | StoredKeys) -> float:
+    """The largest |coordinate| of the keys (read in chunks when they are stored compactly)."""
+    if isinstance(keys, StoredKeys):
+        return max(float(c.abs().max()) for c in keys.chunks())
+    return float(keys.abs().max())
 
 
 def faiss_gpu_available() -> bool:
@@ -77,7 +146,8 @@ class TorchBlock:
     """Keys of one group of points (all of them, or one class) and their bias, for chunked search.
 
     Args:
-        keys: (n, p) fp32 keys (kept: the exact keys that low-precision candidates are rescored with).
+        keys: (n, p) fp32 keys (kept: the exact keys that low-precision candidates are rescored with),
+            or ``StoredKeys`` (fp32 precision only) converted chunk by chunk as they are scanned.
         chunk_size: keys scored at a time (fewer on a CPU).
         precision: 'fp32', or 'bf16' / 'fp16' candidates rescored exactly.
         candidates: top-k kept per query by a low-precision search.
@@ -89,7 +159,7 @@ class TorchBlock:
         self.precision, self.candidates = precision, candidates
         self.bias = torch.zeros(keys.shape[0], dtype=torch.float32, device=keys.device)
         self.chunk_size = chunk_size
-        self.key_norm = float(self.exact.norm(dim=1).max()) if keys.shape[0] else 0.0
+        self.key_norm = max_row_norm(self.exact)
         self.bias_abs = 0.0  # max |g|, kept at set_bias so that a search needs no device sync for it
         self.certified = Certified()
 

@@ -37,7 +37,15 @@ from torch import Tensor
 from sdfm import kernels
 from sdfm.data.points import Points
 from sdfm.errors import UserError
-from sdfm.semidiscrete.backends import FaissBlock, FaissGpuBlock, TorchBlock, TritonBlock, faiss_gpu_available
+from sdfm.semidiscrete.backends import (
+    FaissBlock,
+    FaissGpuBlock,
+    StoredKeys,
+    TorchBlock,
+    TritonBlock,
+    faiss_gpu_available,
+    max_abs,
+)
 from sdfm.semidiscrete.pca import PCA
 from sdfm.semidiscrete.rescore import FP16_MAX
 
@@ -221,8 +229,18 @@ class MatchIndex:
         if candidates < 1:
             raise UserError(f"candidates={candidates} must be at least 1")
         self.pca = PCA.fit(y, pca_dim, self.device) if pca_dim > 0 else None
-        keys = self.keys(y)
-        largest = float(keys.abs().max())
+        # Compactly stored points on a CPU, matched in full dimension by the torch loop in fp32: the
+        # keys are the stored points themselves, converted as each search scans them.
+        stored = (
+            isinstance(y, Points)
+            and y.stored_dtype != torch.float32
+            and pca_dim == 0
+            and backend == "torch"
+            and self.device.type == "cpu"
+            and precision in (None, "fp32")
+        )
+        keys = StoredKeys(y, self.device) if stored else self.keys(y)
+        largest = max_abs(keys)
         if precision is None:
             precision = default_precision(backend, self.device, largest)
             check_precision(backend, precision, self.device)
@@ -239,7 +257,7 @@ class MatchIndex:
         self._rows = [rows.to(self.device) for _, rows in groups]
         self._blocks: list[TorchBlock | FaissBlock | FaissGpuBlock] = []
         for rows in self._rows:
-            block_keys = keys if not self.labeled else keys[rows]
+            block_keys = keys if not self.labeled else keys.subset(rows) if stored else keys[rows]
             if backend == "torch":
                 self._blocks.append(TorchBlock(block_keys, chunk_size, precision, candidates))
             elif backend == "faiss" and self.device.type == "cuda":
@@ -253,7 +271,9 @@ class MatchIndex:
         # The keys of all points, when a block holds them whole anyway (unlabeled torch or triton):
         # ``data_keys`` hands them out instead of building a second copy.
         whole = not self.labeled and backend in ("torch", "triton", "auto")
-        self._whole_keys = self._blocks[0].exact if whole and self._blocks[0].exact.data_ptr() == keys.data_ptr() else None
+        exact = self._blocks[0].exact if whole else None
+        same = exact is keys or (not stored and exact is not None and exact.data_ptr() == keys.data_ptr())
+        self._whole_keys = exact if same else None
 
     @property
     def classes(self) -> list[int]:
@@ -304,9 +324,10 @@ class MatchIndex:
         y = y.to(self.device)
         return self.pca.keys(y) if self.pca else y.to(torch.float32)
 
-    def data_keys(self, y: Tensor | Points) -> Tensor:
+    def data_keys(self, y: Tensor | Points) -> Tensor | StoredKeys:
         """``keys(y)`` of the index's own points y: the keys it searches when it holds them whole (no
-        copy; read only), else computed."""
+        copy; read only; ``StoredKeys`` of compactly stored points: slices and row sets read as fp32),
+        else computed."""
         return self._whole_keys if self._whole_keys is not None else self.keys(y)
 
     def project(self, x: Tensor) -> Tensor:

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from sdfm.errors import UserError
+from sdfm.semidiscrete.backends import StoredKeys
 from sdfm.semidiscrete.index import Backend, MatchIndex, Precision, class_partition
 from sdfm.semidiscrete.softmax import softmax_sums
 
@@ -54,7 +55,7 @@ the problem's device; return the samples on any device)."""
 __all__ = ["SampleSource", "SemidiscreteProblem", "problem_scales"]
 
 
-def problem_scales(keys: Tensor, sample: int = 512) -> tuple[float, float]:
+def problem_scales(keys: Tensor | StoredKeys, sample: int = 512) -> tuple[float, float]:
     """Scales of the scores of a problem with keys (N, p), for x ~ N(0, I).
 
     Returns:
@@ -68,8 +69,9 @@ def problem_scales(keys: Tensor, sample: int = 512) -> tuple[float, float]:
             while it varies 10x relative to s. Exact duplicates are ignored.
     """
     n = keys.shape[0]
-    mean = keys.mean(0)
-    # Chunked: keys of a large dataset have no room for a centered copy beside them.
+    # Chunked: keys of a large dataset have no room for a centered copy beside them (and may be
+    # StoredKeys, read as fp32 slice by slice).
+    mean = sum(keys[i : i + 65536].double().sum(0) for i in range(0, n, 65536)).float() / max(n, 1)
     sq = sum(float((keys[i : i + 65536] - mean).square().sum(1).double().sum()) for i in range(0, n, 65536))
     s = math.sqrt(sq / max(n, 1))
     if n < 2 or s == 0:
