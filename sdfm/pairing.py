@@ -91,6 +91,7 @@ class PairSource:
         self._pending: tuple[int, Tensor, Future] | None = None
         self._rows_ahead: tuple[int, Tensor, Future] | None = None  # the next step's stored rows
         self.prefetched = 0  # steps whose pairs came from the background thread
+        self.gathered_ahead = 0  # steps whose data rows came from the background thread
 
     def _pair(self, step: int, idx: Tensor, stored: Tensor | None = None) -> StepPairs:
         """Pairs of step ``step`` for the data rows ``idx`` (this rank's); ``stored``: those rows as
@@ -145,7 +146,10 @@ class PairSource:
         if ahead is None:
             return None
         stored = ahead[2].result()
-        return stored if ahead[0] == step and torch.equal(ahead[1], idx) else None
+        if ahead[0] != step or not torch.equal(ahead[1], idx):
+            return None
+        self.gathered_ahead += 1
+        return stored
 
     def close(self) -> None:
         """Wait for a pair computation still running and stop the thread."""

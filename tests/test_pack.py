@@ -369,3 +369,27 @@ def test_index_over_stored_points_holds_no_float_copy_and_matches_the_dense_inde
     pairs = coupling.pair(x.view(200, 1, 6, 6), dense[:200].view(200, 1, 6, 6), ql, gen)
     assert torch.equal(pairs.index, reference_argmax(x, dense, g, labels=labels, query_labels=ql))
     assert torch.equal(pairs.x1, points.dense()[pairs.index]) and torch.equal(pairs.labels, labels[pairs.index])
+
+
+def test_rows_gathered_ahead_are_the_rows_gathered_in_step(tmp_path):
+    """A coupling that pairs on the step's device gets the next step's rows gathered in the background
+    thread: the same pairs as gathering them in the step, and after a restart of the stream too."""
+    from sdfm.couplings import IndependentCoupling
+    from sdfm.data import DataStream
+    from sdfm.pairing import PairSource
+    from sdfm.data.noise import step_generator
+
+    out, _, _ = _pack_npz(tmp_path, n=64)
+    data = load_dataset(DataConfig(name="file", path=str(out), num_eval=8))
+    taken = {}
+    for prefetch in (False, True):
+        stream = DataStream(len(data), 8, seed=3)
+        source = PairSource(
+            data, stream, IndependentCoupling(), lambda k: step_generator(3, k, "coupling"), seed=3,
+            rows=(0, 8), conditional=False, device=torch.device("cpu"), prefetch=prefetch,
+        )  # fmt: skip
+        taken[prefetch] = [source.take(k) for k in range(10)]
+        assert source.gathered_ahead == (9 if prefetch else 0) and source.prefetched == 0
+        source.close()
+    for a, b in zip(taken[False], taken[True], strict=True):
+        assert torch.equal(a.pairs.x1, b.pairs.x1) and torch.equal(a.pairs.x0, b.pairs.x0)

@@ -16,10 +16,20 @@ from torch import Tensor
 
 from sdfm.data.points import Points
 
-__all__ = ["FIT_ROWS", "PCA"]
+__all__ = ["FIT_COST", "FIT_ROWS", "PCA", "fit_rows"]
 
 FIT_ROWS = 65_536
 """Most points a PCA is fitted on (see ``PCA.fit``)."""
+FIT_COST = 4e10
+"""Multiply-adds of the covariance a PCA fit may spend (rows x d²) before it samples fewer rows: about
+10 s on one CPU core. Fashion-MNIST's 60,000 x 784 fits whole (3.7e10); at d = 3,072 (32 x 32 RGB)
+8,192 sampled rows."""
+
+
+def fit_rows(n: int, d: int) -> int:
+    """How many of n points of dimension d a PCA is fitted on: all up to the cost ``FIT_COST`` and at
+    most ``FIT_ROWS``, at least 8,192 (or n)."""
+    return min(n, FIT_ROWS, max(8192, int(FIT_COST // max(1, d * d))))
 
 
 @dataclass
@@ -41,13 +51,14 @@ class PCA:
         """Fit on y (N, d) by an eigendecomposition of the float64 covariance on the CPU (deterministic,
         and cheaper than an SVD of the (N, d) matrix when N >> d). Each direction's sign is fixed so
         that its largest entry is positive, so the same data always gives the same V. Above
-        ``FIT_ROWS`` points the covariance is that of ``FIT_ROWS`` of them chosen with a fixed seed:
-        its cost is rows x d² (a million images at d = 3,072 would take hours in full), and the top
-        directions of a 65,536-point sample are those of the data to within sampling noise.
-        ``device``: where the result lives (default: y's; the host for ``Points``)."""
+        ``fit_rows`` points the covariance is that of that many of them chosen with a fixed seed:
+        its cost is rows x d² (a million images at d = 3,072 would take hours in full), so it is
+        capped (``fit_rows``); the top directions of thousands of points are those of the data to
+        within sampling noise. ``device``: where the result lives (default: y's; the host for ``Points``)."""
         n = len(y)
-        if n > FIT_ROWS:
-            pick = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:FIT_ROWS].sort().values
+        rows = fit_rows(n, y.shape[1])
+        if rows < n:
+            pick = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:rows].sort().values
             sample = y.take(pick) if isinstance(y, Points) else y[pick.to(y.device)]
         else:
             sample = y.dense() if isinstance(y, Points) else y
