@@ -376,8 +376,8 @@ def test_rows_gathered_ahead_are_the_rows_gathered_in_step(tmp_path):
     thread: the same pairs as gathering them in the step, and after a restart of the stream too."""
     from sdfm.couplings import IndependentCoupling
     from sdfm.data import DataStream
-    from sdfm.pairing import PairSource
     from sdfm.data.noise import step_generator
+    from sdfm.pairing import PairSource
 
     out, _, _ = _pack_npz(tmp_path, n=64)
     data = load_dataset(DataConfig(name="file", path=str(out), num_eval=8))
