@@ -114,6 +114,21 @@ def generate(
     )
 
 
+def sample_model(
+    model: nn.Module, x0: Tensor, *, nfe: int = 8, solver: str = "euler", labels: Tensor | None = None
+) -> Tensor:
+    """Samples of a trained velocity model: integrate it from x0 (B, *shape) to t = 1 with ``solver``
+    (euler, midpoint, heun, rk4 at ``nfe`` evaluations; dopri5; 'meanflow': the nfe-step map of a
+    mean-flow model), conditioned on ``labels`` (B,) for a conditional model.
+
+    Example:
+        >>> run = sdfm.load_run("runs/moons")
+        >>> x = sdfm.sample(run.model, torch.randn(1000, *run.data.shape), nfe=4, solver="rk4")
+    """
+    model.eval()
+    return generate(model, x0, labels, solver, nfe).x
+
+
 def eval_noise(cfg: Config, data: Dataset, n: int) -> tuple[Tensor, Tensor | None]:
     """The fixed evaluation noise (n, *shape) and, for a conditional model, labels following the
     held-out class frequencies."""

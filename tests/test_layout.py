@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [
-    ("sdfm", "sdfm.errors", "sdfm.config", "sdfm.monitor", "sdfm.plots", "sdfm.solvers", "sdfm.amp"),
+    ("sdfm.errors", "sdfm.config", "sdfm.monitor", "sdfm.plots", "sdfm.solvers", "sdfm.amp", "sdfm.pot"),
     ("sdfm.kernels", "sdfm.data", "sdfm.models", "sdfm.metrics", "sdfm.checkpoint", "sdfm.rundir"),
     ("sdfm.ot",),
     ("sdfm.couplings", "sdfm.semidiscrete"),
@@ -24,6 +24,7 @@ LAYERS = [
     ("sdfm.pairing",),
     ("sdfm.trainer", "sdfm.worker", "sdfm.evaluate"),
     ("sdfm.bench", "sdfm.cli", "sdfm.train", "sdfm.__main__"),
+    ("sdfm",),  # the package top: the public API, re-exported from every layer
 ]
 """From the bottom up; a module may import its own layer or lower ones (longest prefix decides)."""
 

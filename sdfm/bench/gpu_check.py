@@ -13,7 +13,7 @@ gpu-check``, which runs three steps, each as its own process with a deadline and
 3. ``train``: ``train_steps`` (200) steps of bf16 SD-FM training of the OT-CFM CIFAR-10 U-Net on synthetic
    3x32x32 images, with the dual-potential worker on the GPU refreshing g while training runs.
 
-Every figure goes into ``gpu-check.json`` and a Markdown table ``gpu-check.md`` (the README's GPU
+Every figure goes into ``gpu-check.json`` and a Markdown table ``gpu-check.md`` (docs/cluster.md's GPU
 section is pasted from it). A peer that is not installed is skipped with one line.
 
 ``--dry-run`` runs the same steps on a machine without CUDA, at sizes a CPU finishes in minutes:

@@ -19,7 +19,7 @@ budget, and every potential it produces is scored by ONE evaluator: ``Chi2Evalua
   at the measured rate; each row is one run and its own wall time. (So POT spends up to about twice
   the budget in total, but no row uses more than the budget.)
 
-The README's "Semidiscrete potential fitting" table is this benchmark on one thread, with its
+The "Semidiscrete potential fitting" table of docs/results.md is this benchmark on one thread, with its
 commands. The evaluator's own noise is about sqrt(2N)/eval_samples: use 65,536 samples at N =
 20,000 (±0.003), where the default 8,192 (±0.024) cannot tell 0.05 from 0.02.
 

@@ -55,6 +55,33 @@ class Coupling(ABC):
         """Pair x0 (B, *shape) with targets; x1 (B, *shape) is the target batch and labels (B,) its
         classes (or None). ``generator`` is the only source of randomness."""
 
+    def __call__(
+        self,
+        x0: Tensor,
+        x1: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Pairs:
+        """``pair`` for a user's own loop: ``coupling(x0, x1)`` -> Pairs.
+
+        Args:
+            x0: (B, *shape) source samples.
+            x1: (B, *shape) the target batch (a dataset-level coupling may take None).
+            labels: (B,) classes of x1, or None.
+            generator: the source of randomness; None draws a seed from torch's global generator
+                (so ``torch.manual_seed`` makes the call reproducible).
+
+        Example:
+            >>> pairs = sdfm.ExactOT()(torch.randn(64, 2), data[:64])
+            >>> pairs.x1  # a permutation of data[:64]
+        """
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        if x1 is None:
+            raise ValueError(f"{type(self).__name__} pairs x0 with a target batch: pass x1 (B, *shape)")
+        return self.pair(x0, x1, labels, generator)
+
     def poll(self) -> bool:
         """Called at every step boundary: pick up state published from outside (a new dual potential
         from the worker). True when something changed."""

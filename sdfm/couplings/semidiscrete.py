@@ -9,9 +9,10 @@ training checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -22,7 +23,9 @@ from sdfm.couplings.base import Coupling, Pairs
 from sdfm.data.points import Points
 from sdfm.errors import UserError
 from sdfm.semidiscrete.index import MatchIndex
-from sdfm.semidiscrete.potential_file import Potential, load_potential
+from sdfm.semidiscrete.potential_file import Potential, load_potential, save_potential
+
+_log = logging.getLogger("sdfm")
 
 
 class SnapshotWatcher:
@@ -193,3 +196,161 @@ class SemidiscreteCoupling(Coupling):
                 f"checkpoint potential has {state['g'].shape[0]} entries but the dataset has {len(self.y)} points"
             )
         self.set_potential(state["g"], int(state["version"]), float(state["chi2"]))
+
+
+class SemidiscreteOT:
+    """Semidiscrete OT between standard-normal noise and a whole dataset, for a user's own loop: a dual
+    potential g (N,) fitted once (``fit``) or loaded (``load``); then every fresh noise sample x0 is
+    paired with the data point argmax_j <x0, y_j> + g_j (ε = 0) or one drawn from the softmax of those
+    scores over the top candidates (ε > 0). Matching runs on ``device`` (CPU or CUDA).
+
+    Args:
+        data: (N, *shape) the dataset: a tensor, or ``Points`` (e.g. a memory-mapped pack).
+        potential: (N,) the dual potential g.
+        labels: (N,) classes; then a query of class c is paired only with points of class c.
+        epsilon, pca_dim: of the potential (as it was fitted).
+        chi2: the potential's χ̂² (NaN when unknown).
+        device: where the matching index lives (default: the data's device, the host for Points).
+        topk: candidates of the softmax sampling when ε > 0.
+
+    Example:
+        >>> sd = sdfm.SemidiscreteOT.fit(data, max_seconds=60)
+        >>> pairs = sd(torch.randn(256, *data.shape[1:]))  # pairs.x1 = data[pairs.index]
+    """
+
+    def __init__(
+        self,
+        data: Tensor | Points,
+        potential: Tensor,
+        *,
+        labels: Tensor | None = None,
+        epsilon: float = 0.0,
+        pca_dim: int = 0,
+        chi2: float = float("nan"),
+        device: torch.device | str | None = None,
+        topk: int = 64,
+    ):
+        from sdfm.data import fingerprint
+
+        self.data, self.labels = data, labels
+        self.fingerprint = fingerprint(data, labels)
+        cfg = PotentialConfig(epsilon=epsilon, pca_dim=pca_dim, topk=topk)
+        self.coupling = SemidiscreteCoupling(
+            data, labels, cfg, self.fingerprint, per_class=labels is not None, warn=_log.warning,
+            device=None if device is None else torch.device(device),
+        )  # fmt: skip
+        self.coupling.set_potential(potential, 1, chi2)
+        self.shape = tuple(data.shape[1:])
+
+    @property
+    def potential(self) -> Tensor:
+        """(N,) float32 the dual potential g in use."""
+        return self.coupling.g
+
+    @property
+    def chi2(self) -> float:
+        """χ̂² of the potential: its marginal error (0.05: where the SD-FM paper saw quality saturate)."""
+        return self.coupling.chi2
+
+    @classmethod
+    def fit(
+        cls,
+        data: Tensor | Points,
+        labels: Tensor | None = None,
+        *,
+        epsilon: float = 0.0,
+        target_chi2: float = 0.05,
+        max_seconds: float | None = None,
+        max_steps: int | None = None,
+        pca_dim: int | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> SemidiscreteOT:
+        """Fit the dual potential of ``data`` (N, *shape) (``sdfm.semidiscrete.fit_potential``) until a
+        held-out evaluation confirms χ̂² <= ``target_chi2``, or ``max_steps`` (default 10,000), or
+        ``max_seconds``. ``progress``: log lines (the ``sdfm`` logger) and a progress bar on a terminal.
+
+        Example:
+            >>> sd = sdfm.SemidiscreteOT.fit(torch.randn(5000, 2), max_seconds=10)
+            >>> sd.chi2
+        """
+        from sdfm.semidiscrete.fit import FitBudget, fit_potential
+        from sdfm.semidiscrete.fitter import FitterOptions
+
+        if not target_chi2 > 0 or (max_seconds is not None and not max_seconds > 0):
+            raise UserError(f"target_chi2={target_chi2} and max_seconds={max_seconds} must be positive numbers")
+        if max_steps is not None and max_steps < 1:
+            raise UserError(f"max_steps={max_steps} must be at least 1")
+        seed = 0 if generator is None else int(torch.randint(0, 2**31, (), generator=generator))
+        options = FitterOptions(epsilon=epsilon, pca_dim=pca_dim or 0, seed=seed)
+        budget = FitBudget(
+            max_steps=max_steps or FitBudget.max_steps, target_chi2=target_chi2, max_seconds=max_seconds
+        )
+        flat = data.flat() if isinstance(data, Points) else data.flatten(1)
+        result = fit_potential(
+            flat, options, budget, labels=labels, device=device, progress=progress, log=_log.info if progress else None
+        )
+        return cls(data, result.g, labels=labels, epsilon=epsilon, pca_dim=pca_dim or 0, chi2=result.chi2, device=device)
+
+    def match(self, x0: Tensor, labels: Tensor | None = None) -> Tensor:
+        """(B,) int64 ids of the data points paired with x0 (B, *shape) (ε = 0: deterministic; ε > 0:
+        sampled with torch's global generator; use ``__call__`` with a generator to control it)."""
+        return self(x0, labels).index
+
+    def __call__(
+        self, x0: Tensor, labels: Tensor | None = None, *, generator: torch.Generator | None = None
+    ) -> Pairs:
+        """Pairs of x0 (B, *shape): x1 = data[index] on x0's device; ``labels`` (B,) are the classes of
+        the queries when the data has labels (required then)."""
+        if tuple(x0.shape[1:]) != self.shape:
+            raise UserError(f"x0 has points of shape {tuple(x0.shape[1:])}, the data's are {self.shape}")
+        if (labels is None) != (self.labels is None):
+            raise UserError(
+                "pass labels (the class of each query) exactly when the potential was fitted with labels"
+            )
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        return self.coupling.pair(x0, x0, labels, generator)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the potential (safetensors, atomically) with the data's fingerprint, ε and PCA dimension."""
+        cfg = self.coupling.cfg
+        return save_potential(
+            path, self.potential, version=1, step=0, epsilon=cfg.epsilon, chi2=self.chi2,
+            fingerprint=self.fingerprint, pca_dim=cfg.pca_dim,
+        )  # fmt: skip
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        data: Tensor | Points,
+        labels: Tensor | None = None,
+        *,
+        device: torch.device | str | None = None,
+    ) -> SemidiscreteOT:
+        """The potential saved at ``path`` over ``data``; refused (UserError) when it was fitted on other
+        data (its fingerprint) or the file is damaged."""
+        from sdfm.data import fingerprint
+
+        pot = load_potential(path, expected_fingerprint=fingerprint(data, labels), expected_n=len(data))
+        return cls(data, pot.g, labels=labels, epsilon=pot.epsilon, pca_dim=pot.pca_dim, chi2=pot.chi2, device=device)
+
+    def loader(self, batch_size: int, *, generator: torch.Generator | None = None) -> Iterator[Pairs]:
+        """An endless iterator of Pairs of ``batch_size`` fresh standard-normal samples (with labels
+        drawn in the data's class proportions when it has labels), as OTT-JAX's data loader.
+
+        Example:
+            >>> for step, pairs in zip(range(1000), sd.loader(256)):
+            ...     loss = ((model(t, x_t) - (pairs.x1 - pairs.x0)) ** 2).mean()
+        """
+        if batch_size < 1:
+            raise UserError(f"batch_size={batch_size} must be at least 1")
+        gen = generator if generator is not None else torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        while True:
+            x0 = torch.randn(batch_size, *self.shape, generator=gen)
+            labels = None
+            if self.labels is not None:
+                labels = self.labels[torch.randint(0, len(self.labels), (batch_size,), generator=gen)]
+            yield self(x0, labels, generator=gen)

@@ -23,7 +23,7 @@ class SinkhornCoupling(MinibatchCoupling):
 
     Args:
         options: the solver settings.
-        warm_start: start each solve from the previous one's g.
+        warm_start: start each solve from the previous one's g (off by default, as ``coupling.warm_start``).
         per_class: keep pairs within a class.
     """
 
@@ -31,7 +31,7 @@ class SinkhornCoupling(MinibatchCoupling):
         self,
         options: SinkhornOptions = SinkhornOptions(),
         *,
-        warm_start: bool = True,
+        warm_start: bool = False,
         per_class: bool = False,
     ) -> None:
         if (problem := options.problem()) is not None:
@@ -87,3 +87,23 @@ class SinkhornCoupling(MinibatchCoupling):
             self._n, self._g = int(state["n"]), state["g"].detach().clone()
         else:
             raise ValueError(f"a Sinkhorn coupling state has keys 'g' and 'n', got {sorted(state)}")
+
+
+class Sinkhorn(SinkhornCoupling):
+    """The entropic OT coupling with its solver settings as keywords (every ``SinkhornOptions`` field):
+    partners drawn from the Sinkhorn plan of the batch, one per row. Runs where the batch is (CPU or
+    CUDA; ``backend='keops'`` or ``'triton'`` for large batches on a GPU).
+
+    Args:
+        epsilon: regularization relative to the standard deviation of the cost matrix.
+        warm_start: start each solve from the previous call's potential (same batch size).
+        per_class: with labels, pairs never cross classes.
+        **options: ``max_iter``, ``tol``, ``cost``, ``backend``, ``precision``, ... (``SinkhornOptions``).
+
+    Example:
+        >>> pairs = sdfm.Sinkhorn(epsilon=0.05)(torch.randn(256, 2), data[:256])
+        >>> pairs.index  # (256,) the partner of each row of x0 in x1
+    """
+
+    def __init__(self, epsilon: float = 0.05, *, warm_start: bool = False, per_class: bool = False, **options):
+        super().__init__(SinkhornOptions(epsilon=epsilon, **options), warm_start=warm_start, per_class=per_class)

@@ -58,9 +58,11 @@ def wasserstein2(x: ArrayLike, y: ArrayLike) -> float:
     Raises:
         ValueError: if the feature sizes differ, or n*m exceeds ``MAX_PAIRS`` (subsample first).
     """
-    # POT is imported here, not at module level: importing it probes optional GPU backends (KeOps)
-    # and prints warnings, which every `import sdfm.metrics` would otherwise pay for.
-    import ot
+    # POT is imported here, not at module level: importing it probes optional GPU backends (KeOps),
+    # which every `import sdfm.metrics` would otherwise pay for (``pot`` keeps its notice quiet).
+    from sdfm.pot import pot
+
+    ot = pot()
 
     xs, ys = _as_float64_rows("x", x), _as_float64_rows("y", y)
     _check_pair(xs, ys, "exact W2")

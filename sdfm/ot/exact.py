@@ -33,11 +33,13 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from sdfm.ot.sinkhorn import COSTS, Cost
+from sdfm.pot import pot
 
 Solver = Literal["auto", "lsa", "emd"]
 SOLVERS = ("auto", "lsa", "emd")
 
 __all__ = ["SOLVERS", "Solver", "choose_solver", "exact_ot_assignment"]
+
 
 
 def choose_solver(n: int, d: int) -> str:
@@ -47,8 +49,7 @@ def choose_solver(n: int, d: int) -> str:
 
 def _emd_permutation(c: np.ndarray) -> np.ndarray | None:
     """The permutation of POT's optimal plan, or None when it is not one (an iteration limit hit)."""
-    import ot
-
+    ot = pot()
     n = c.shape[0]
     weights = np.full(n, 1.0 / n)
     plan = ot.emd(weights, weights, c, numItermax=max(100_000, 50 * n * n))

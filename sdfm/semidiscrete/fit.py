@@ -170,8 +170,8 @@ def fit_potential(
     labels: Tensor | None = None,
     sample_source: SampleSource | None = None,
     device: torch.device | str | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] | None = print,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
     state_path: Path | None = None,
 ) -> FitResult:
     """Fit g until χ̂² <= ``budget.target_chi2``, ``budget.max_steps`` or ``budget.max_seconds``.
@@ -405,6 +405,7 @@ def fit_and_save(
         labels=setup.labels,
         sample_source=setup.sample_source,
         device=device,
+        progress=log is not None,
         log=log,
         state_path=state_path,
     )
