@@ -22,6 +22,7 @@ without blocking, where they are converted to float32 (``Points.take``). The sam
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -66,6 +67,8 @@ class PairSource:
         device: where the step trains; a coupling that is not prefetchable pairs there.
         prefetch: compute the next step's pairs ahead when the coupling allows it, else gather the
             next step's data rows ahead.
+        refresh: called at every step boundary to take new coupling state (a new dual potential from
+            the worker, shared by every rank); default: the coupling's ``poll``.
     """
 
     def __init__(
@@ -80,8 +83,10 @@ class PairSource:
         conditional: bool,
         device: torch.device,
         prefetch: bool,
+        refresh: Callable[[], bool] | None = None,
     ):
         self.data, self.stream, self.coupling, self.generator = data, stream, coupling, generator
+        self.refresh = refresh if refresh is not None else coupling.poll
         self.seed, self.rows, self.conditional = seed, rows, conditional
         self.on_cpu = getattr(coupling, "prefetchable", False)  # pairs on the CPU, then moved
         self.device = torch.device("cpu") if self.on_cpu else device
@@ -112,7 +117,7 @@ class PairSource:
         lo, hi = self.rows
         begin = time.perf_counter()
         if not self.prefetching:
-            self.coupling.poll()  # a new dual potential from the worker is swapped in here, between steps
+            self.refresh()  # a new dual potential from the worker is swapped in here, between steps
             idx = self.stream.next()[lo:hi]
             result = self._pair(step, idx, self._gathered(step, idx))
             if self.gather_ahead:
@@ -129,7 +134,7 @@ class PairSource:
                 if pending is not None:
                     pending[2].result()
                 result = self._pair(step, idx)
-            self.coupling.poll()  # after the pairs are taken, before the next ones start
+            self.refresh()  # after the pairs are taken, before the next ones start
             ahead = self.stream.peek()[lo:hi]
             self._pending = (step + 1, ahead, self._thread().submit(self._pair, step + 1, ahead))
         result.wait_ms = 1000 * (time.perf_counter() - begin)

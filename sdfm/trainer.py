@@ -39,13 +39,11 @@ from sdfm.methods.oat import TargetModel
 from sdfm.models import EMA, build_model
 from sdfm.monitor import Monitor, info, set_main_process
 from sdfm.pairing import PairSource
+from sdfm.potential_sources import SnapshotFeed, StartContext, potential_source
 from sdfm.rundir import (
     RunFolder,
     check_dataset,
     check_resume_config,
-    is_locked,
-    potential_dir,
-    snapshot_path,
     write_heartbeat,
 )
 from sdfm.semidiscrete.index import check_precision
@@ -148,6 +146,7 @@ class Trainer:
         # (OAT: of the lifted (position, velocity) states).
         self.coupling = self._build_coupling()
         self.worker = None  # the dual-potential worker subprocess, when rank 0 started one
+        self.feed: SnapshotFeed | None = None  # rank 0's feed of the worker's potentials
         self.stream = DataStream(len(self.data), cfg.train.batch_size, cfg.train.seed)  # global batches
         lo = self.rank * self.local_batch
         self.pairing = PairSource(
@@ -160,6 +159,7 @@ class Trainer:
             conditional=self.conditional,
             device=self.device,
             prefetch=cfg.train.prefetch_pairs,
+            refresh=self.refresh_potential,
         )
         self.step = 0
         self.stop_requested = False  # set by SIGTERM; acted on at the next step boundary
@@ -209,11 +209,11 @@ class Trainer:
     def _build_coupling(self):
         cfg = self.cfg
         if cfg.method.kind != "oat":
-            return rank_coupling(cfg, self.data, self.pg, self.device, warn=info)
+            return rank_coupling(cfg, self.data, self.pg, self.device)
         from sdfm.methods.oat import AccelerationCoupling
 
         if cfg.coupling.kind != "semidiscrete":
-            inner = rank_coupling(cfg, self.data, self.pg, self.device, warn=info)
+            inner = rank_coupling(cfg, self.data, self.pg, self.device)
             return AccelerationCoupling(inner, self.method.target, cfg.method.oat_alpha)
         return self._semidiscrete_acceleration()
 
@@ -231,7 +231,7 @@ class Trainer:
 
         def build(lifted):
             return SemidiscreteCoupling(
-                lifted, None, cfg.potential, data.fingerprint, warn=info, device=device
+                lifted, None, cfg.potential, data.fingerprint, device=device
             )
 
         def fit(lifted, source):
@@ -356,61 +356,18 @@ class Trainer:
         self.stop_requested = True
 
     def start_potential(self, resumed: bool) -> None:
-        """Give the semidiscrete coupling its potential: restored from the checkpoint (resumed), fitted
-        now, read from a file, or published by the worker (started here when configured so). In a
-        data-parallel job rank 0 does this, and the coupling's ``poll`` shares the result."""
+        """Give the semidiscrete coupling its potential from its source (``sdfm.potential_sources``: a
+        file, a fit now, or the worker, started here when configured so); a resumed run keeps the
+        checkpoint's. Rank 0 does this, and the coupling's ``poll`` shares the result."""
         if self.cfg.coupling.kind != "semidiscrete" or self.cfg.method.kind == "oat":
             return  # (OAT fits the lifted problem's potential itself, at every target refresh)
-        from sdfm.semidiscrete import fit_and_save, load_potential
-        from sdfm.semidiscrete.fit import FitInterrupted
-        from sdfm.worker import WorkerProcess, wait_for_version
-
-        p, coupling = self.cfg.potential, self.coupling
+        source = potential_source(self.cfg)
+        ctx = StartContext(self.cfg, self.data, self.run_dir, potential_device(self.pg.env, self.cfg), self.world)
         error = None  # a bad potential file on rank 0 must end every rank, not leave them waiting
         try:
-            if not self.pg.env.is_main:
-                pass  # rank 0's potential arrives through poll() below
-            elif p.source == "file" and not resumed:
-                pot = load_potential(
-                    p.path, expected_fingerprint=self.data.fingerprint, expected_n=len(self.data)
-                )
-                coupling.set_potential(pot.g, pot.version, pot.chi2, pot.created)
-                info(f"potential: loaded {p.path} (version {pot.version}, chi2 {pot.chi2:.4g})")
-            elif p.source == "fit" and not resumed:
-                info(
-                    f"potential: fitting g over N={len(self.data)} points to chi2 <= {p.target_chi2} ({p.method})"
-                )
-                try:
-                    res = fit_and_save(
-                        self.cfg,
-                        self.data,
-                        potential_dir(self.run_dir) / "fitted.safetensors",
-                        device=potential_device(self.pg.env, self.cfg),
-                        log=info,
-                        state_path=potential_dir(self.run_dir) / "fit_state.safetensors"
-                        if self.world == 1
-                        else None,
-                    )
-                except FitInterrupted as e:
-                    info(str(e))
-                    raise SystemExit(0) from None
-                coupling.set_potential(res.g, 1, res.chi2)
-                info(f"potential: {res.steps} steps in {res.seconds:.1f} s, chi2 {res.chi2:.4g}")
-            elif p.source == "worker":
-                path = snapshot_path(self.run_dir)
-                coupling.watch(path)
-                running = is_locked(potential_dir(self.run_dir))
-                if p.spawn_worker and running:
-                    info(
-                        f"potential: a worker is already running for this run ({running}); using its snapshots"
-                    )
-                elif p.spawn_worker:
-                    self.worker = WorkerProcess(self.run_dir)
-                    info(f"potential: started worker pid {self.worker.proc.pid} (log {self.worker.log_path})")
-                if coupling.version == 0 and not wait_for_version(path, timeout=120):
-                    info(
-                        "warning: no potential published yet; training starts with g = 0 and picks versions up as they come"
-                    )
+            if self.pg.env.is_main:
+                self.feed = source.start(self.coupling, ctx, resumed)
+                self.worker = source.process
         except UserError as e:
             if self.world == 1:
                 raise
@@ -419,7 +376,14 @@ class Trainer:
             self.pg.wait_for_main("potential")  # rank 0 may have fitted for longer than the timeout
             if (error := self.pg.broadcast_object(error)) is not None:
                 raise AgreedError(error)
-        coupling.poll()  # the worker's first snapshot; in a data-parallel job, rank 0's potential
+        self.refresh_potential()  # the worker's first snapshot; in a data-parallel job, rank 0's potential
+
+    def refresh_potential(self) -> bool:
+        """Between steps: rank 0 takes a newer potential from its feed (the worker's snapshots), and the
+        coupling shares it with every rank. True when the potential changed."""
+        if self.feed is not None:
+            self.feed.poll(self.coupling)
+        return self.coupling.poll()
 
     # ---------------------------------------------------------------------------------- checkpoints
 

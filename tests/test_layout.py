@@ -22,7 +22,7 @@ LAYERS = [
     ("sdfm.methods",),
     ("sdfm.distributed",),
     ("sdfm.pairing",),
-    ("sdfm.trainer", "sdfm.worker", "sdfm.evaluate"),
+    ("sdfm.trainer", "sdfm.worker", "sdfm.evaluate", "sdfm.potential_sources"),
     ("sdfm.bench", "sdfm.cli", "sdfm.train", "sdfm.__main__"),
     ("sdfm",),  # the package top: the public API, re-exported from every layer
 ]

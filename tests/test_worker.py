@@ -12,6 +12,7 @@ import torch
 from sdfm import config as config_mod
 from sdfm.checkpoint import state_from_bytes
 from sdfm.config import Config
+from sdfm.potential_sources import SnapshotFeed
 from sdfm.rundir import prepare_run_dir, record_dataset, snapshot_path
 from sdfm.semidiscrete import load_potential, save_potential
 from sdfm.trainer import Trainer, run_training
@@ -62,9 +63,8 @@ def test_trainer_follows_worker_survives_kill_rejects_bad_snapshots_and_worker_r
     trainer = Trainer(cfg, tmp_path)
     record_dataset(tmp_path, trainer.data)
     warnings = []
-    trainer.coupling.warn = warnings.append
-    trainer.coupling.watch(snapshot_path(tmp_path))
     snap = snapshot_path(tmp_path)
+    trainer.feed = SnapshotFeed(snap, trainer.data.fingerprint, len(trainer.data), 1.0, warn=warnings.append)
 
     worker = start_worker(tmp_path)
     try:

@@ -5,7 +5,6 @@ each coupling is decided in one place, ``sdfm.distributed.couplings.rank_couplin
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -74,15 +73,13 @@ def build_coupling(
     *,
     dataset: Dataset | None = None,
     potential: PotentialConfig | None = None,
-    warn: Callable[[str], None] = print,
     device: torch.device | None = None,
     index=None,
 ) -> Coupling:
     """The single-process coupling that ``cfg.kind`` names; ``per_class`` keeps pairs within a class.
 
     The semidiscrete coupling matches against the whole ``dataset`` with the ``potential`` settings
-    (both required for it); ``warn`` receives its one-line warnings (stale or rejected snapshots).
-    ``device``: where the semidiscrete coupling's matching index lives (default: the dataset's
+    (both required for it). ``device``: where the semidiscrete coupling's matching index lives (default: the dataset's
     device); ``index``: a prebuilt matching index for it (the sharded one of a data-parallel job).
     """
     if cfg.kind == "semidiscrete":
@@ -94,7 +91,6 @@ def build_coupling(
             potential,
             dataset.fingerprint,
             per_class=per_class,
-            warn=warn,
             device=device,
             index=index,
         )

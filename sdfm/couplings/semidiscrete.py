@@ -1,18 +1,18 @@
 """The semidiscrete coupling (SD-FM): each noise sample is matched against the whole dataset through a
 dual potential g in R^N, k*(x0) = argmax_j <x0, y_j> + g_j (or a softmax sample when epsilon > 0).
 
-The potential comes from a fit before training, a file, or the dual-potential worker process, which
-publishes versioned snapshots that ``poll`` picks up at step boundaries and swaps into the matching
-index in place. The potential in use (and its version) is part of ``state_dict``, so it is in every
-training checkpoint.
+``SemidiscreteCoupling`` is a pure coupling: it pairs with the potential it was given
+(``set_potential`` swaps a new one into the matching index in place) and keeps it, with its version,
+in ``state_dict`` (so it is in every training checkpoint). Where potentials come from during
+training (a fit, a file, the worker's snapshots) is ``sdfm.potential_sources``. ``SemidiscreteOT`` is
+the same coupling for a user's own loop: it fits, saves and loads its potential.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,36 +23,9 @@ from sdfm.couplings.base import Coupling, Pairs
 from sdfm.data.points import Points
 from sdfm.errors import UserError
 from sdfm.semidiscrete.index import MatchIndex
-from sdfm.semidiscrete.potential_file import Potential, load_potential, save_potential
+from sdfm.semidiscrete.potential_file import load_potential, save_potential
 
 _log = logging.getLogger("sdfm")
-
-
-class SnapshotWatcher:
-    """Notices new potential snapshots in a file without reading it on every step.
-
-    ``poll`` stats the file (cheap) and reads it only when its size, mtime or inode changed. A torn,
-    foreign (other dataset) or otherwise bad snapshot is ignored with a warning, once per file state.
-    """
-
-    def __init__(self, path: Path, fingerprint: str, n: int, warn: Callable[[str], None]):
-        self.path, self.fingerprint, self.n, self.warn = Path(path), fingerprint, n, warn
-        self._seen: tuple | None = None
-
-    def poll(self) -> Potential | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        key = (st.st_ino, st.st_size, st.st_mtime_ns)
-        if key == self._seen:
-            return None
-        self._seen = key
-        try:
-            return load_potential(self.path, expected_fingerprint=self.fingerprint, expected_n=self.n)
-        except UserError as e:
-            self.warn(f"warning: ignoring potential snapshot: {e}")
-            return None
 
 
 class SemidiscreteCoupling(Coupling):
@@ -65,7 +38,6 @@ class SemidiscreteCoupling(Coupling):
         cfg: the [potential] config (epsilon, index backend, pca_dim, topk).
         fingerprint: dataset fingerprint every potential must carry.
         per_class: class-conditional matching (pairs never cross classes).
-        warn: receives one-line warnings.
         device: where the matching index lives (default: y's device); pairs come back on x0's.
         index: a prebuilt index with ``search`` and ``set_potential`` over the same points (e.g. a
             sharded one, built by ``sdfm.distributed``); default: a ``MatchIndex``.
@@ -78,7 +50,6 @@ class SemidiscreteCoupling(Coupling):
         cfg: PotentialConfig,
         fingerprint: str,
         per_class: bool = False,
-        warn: Callable[[str], None] = print,
         device: torch.device | None = None,
         index=None,
     ):
@@ -91,7 +62,7 @@ class SemidiscreteCoupling(Coupling):
             # host round trip per step, and an fp32 index's keys share this tensor's storage.
             self.y = y.to(device) if device is not None and index is None else y
             flat, home = self.y.flatten(1), self.y.device
-        self.cfg, self.fingerprint, self.per_class, self.warn = cfg, fingerprint, per_class, warn
+        self.cfg, self.fingerprint, self.per_class = cfg, fingerprint, per_class
         self.labels = None if labels is None else labels.to(home)
         self.index = (
             index
@@ -111,8 +82,6 @@ class SemidiscreteCoupling(Coupling):
         self.chi2 = float("nan")
         self.published_at = time.time()
         self.pairs_since_update = 0
-        self.watcher: SnapshotWatcher | None = None
-        self._stale_warned = False
 
     # ------------------------------------------------------------------------------- the potential
 
@@ -125,28 +94,6 @@ class SemidiscreteCoupling(Coupling):
         self.version, self.chi2 = int(version), float(chi2)
         self.published_at = time.time() if published_at is None else published_at
         self.pairs_since_update = 0
-        self._stale_warned = False
-
-    def watch(self, path: Path) -> None:
-        """Pick up snapshots published at ``path`` (by the worker) on every ``poll``."""
-        self.watcher = SnapshotWatcher(path, self.fingerprint, len(self.y), self.warn)
-
-    def poll(self) -> bool:
-        """Swap in a newer published potential if there is one; True when it did."""
-        if self.watcher is None:
-            return False
-        pot = self.watcher.poll()
-        if pot is not None and pot.version > self.version:
-            self.set_potential(pot.g, pot.version, pot.chi2, pot.created)
-            return True
-        age = time.time() - self.published_at
-        if self.version and age > self.cfg.stale_warning_s and not self._stale_warned:
-            self.warn(
-                f"warning: no new potential for {age:.0f} s (still version {self.version}); "
-                "is the worker running? training goes on with the last potential"
-            )
-            self._stale_warned = True
-        return False
 
     # ------------------------------------------------------------------------------------ coupling
 
@@ -236,7 +183,7 @@ class SemidiscreteOT:
         self.fingerprint = fingerprint(data, labels)
         cfg = PotentialConfig(epsilon=epsilon, pca_dim=pca_dim, topk=topk)
         self.coupling = SemidiscreteCoupling(
-            data, labels, cfg, self.fingerprint, per_class=labels is not None, warn=_log.warning,
+            data, labels, cfg, self.fingerprint, per_class=labels is not None,
             device=None if device is None else torch.device(device),
         )  # fmt: skip
         self.coupling.set_potential(potential, 1, chi2)

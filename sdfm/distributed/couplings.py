@@ -11,15 +11,12 @@ Each rank holds its rows of the global batch (rank r: rows [r b, (r + 1) b), b =
   ``coupling.shard_above`` rows; smaller Sinkhorn solves are replicated like exact OT (they are bound
   by the collectives' latency, not by compute).
 - ``SharedPotentialCoupling`` (semidiscrete): rows are matched locally against the whole dataset (or
-  a sharded index, ``potential.shard_index``); only rank 0 watches for potentials published by the
-  worker, and a new one is broadcast to all ranks at a step boundary, so the worker needs no shared
-  filesystem with the other nodes.
+  a sharded index, ``potential.shard_index``); only rank 0 is given new potentials (by
+  ``sdfm.potential_sources``: the worker's snapshots), and a new one is broadcast to all ranks at a
+  step boundary, so the worker needs no shared filesystem with the other nodes.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -38,9 +35,7 @@ from sdfm.distributed.sinkhorn import ShardedSinkhornCoupling
 __all__ = ["ReplicatedCoupling", "SharedPotentialCoupling", "rank_coupling"]
 
 
-def rank_coupling(
-    cfg: Config, data: Dataset, pg: ProcessGroup, device: torch.device, warn: Callable[[str], None]
-) -> Coupling:
+def rank_coupling(cfg: Config, data: Dataset, pg: ProcessGroup, device: torch.device) -> Coupling:
     """This rank's coupling of the global batch: the single-process coupling of ``cfg.coupling`` for
     one process, else its data-parallel form (see the module docstring). The trainer's one call."""
     kind, conditional = cfg.coupling.kind, cfg.data.conditional
@@ -64,7 +59,6 @@ def rank_coupling(
         per_class=conditional,
         dataset=data,
         potential=cfg.potential,
-        warn=warn,
         device=index_device,
         index=index,
     )
@@ -167,11 +161,6 @@ class SharedPotentialCoupling(CouplingWrapper):
         """This rank's potential (call it on rank 0; ``poll`` shares it)."""
         self.inner.set_potential(g, version, chi2, published_at)
 
-    def watch(self, path: Path) -> None:
-        """Rank 0 watches the worker's snapshots (the other ranks never read the file)."""
-        if self.pg.env.is_main:
-            self.inner.watch(path)
-
     @property
     def prefetchable(self) -> bool:
         return self.inner.prefetchable  # pairing is local; only poll (main thread) is a collective
@@ -179,11 +168,15 @@ class SharedPotentialCoupling(CouplingWrapper):
     def pair(self, x0: Tensor, x1: Tensor, labels: Tensor | None, generator: torch.Generator) -> Pairs:
         return self.inner.pair(x0, x1, labels, generator)
 
+    @property
+    def published_at(self) -> float:
+        return self.inner.published_at
+
     def poll(self) -> bool:
-        """Rank 0 polls the worker's snapshot; a new potential reaches every rank (a collective)."""
+        """A potential that rank 0 was given since the last call (by ``sdfm.potential_sources``) reaches
+        every rank (a collective)."""
         changed = False
         if self.pg.env.is_main:
-            self.inner.poll()
             changed = self.inner.version != self._shared_version
         if not self.pg.any(changed):
             return False
