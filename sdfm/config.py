@@ -334,6 +334,11 @@ def validate(cfg: Config) -> Config:
             )
 
     c = cfg
+    for section in dataclasses.fields(c):  # inf and nan are never a setting (lr, tolerances, budgets)
+        for f in dataclasses.fields(getattr(c, section.name)):
+            value = getattr(getattr(c, section.name), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                need(False, f"{section.name}.{f.name}", value, "a finite number")
     need(
         c.coupling.epsilon > 0 and math.isfinite(c.coupling.epsilon),
         "coupling.epsilon",
@@ -370,7 +375,8 @@ def validate(cfg: Config) -> Config:
     need(c.train.ckpt_every >= 1, "train.ckpt_every", c.train.ckpt_every, ">= 1")
     need(c.train.keep_last >= 1, "train.keep_last", c.train.keep_last, ">= 1")
     need(c.train.dist_timeout_s > 0, "train.dist_timeout_s", c.train.dist_timeout_s, "> 0")
-    need(c.optim.lr > 0, "optim.lr", c.optim.lr, "> 0")
+    need(0 < c.optim.lr <= 1, "optim.lr", c.optim.lr, "in (0, 1] (AdamW above 1 diverges at once; 1e-4 to 1e-3 is usual)")
+    need(c.eval.rtol > 0 and c.eval.atol > 0, "eval.atol", c.eval.atol, "> 0, like eval.rtol")
     need(c.optim.warmup_steps >= 0, "optim.warmup_steps", c.optim.warmup_steps, ">= 0")
     need(c.optim.grad_clip >= 0, "optim.grad_clip", c.optim.grad_clip, ">= 0")
     need(0 <= c.model.ema_decay < 1, "model.ema_decay", c.model.ema_decay, "in [0, 1)")

@@ -34,6 +34,7 @@ from sdfm.checkpoint import write_atomic
 from sdfm.config import Config
 from sdfm.data import Dataset
 from sdfm.errors import UserError
+from sdfm.monitor import info
 
 DATASET_FILE = "dataset.json"
 HEARTBEAT_FILE = "heartbeat.json"
@@ -199,11 +200,24 @@ def is_locked(folder: Path) -> str | None:
     return None
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class RunFolder:
     """The run folder as a transaction: ``begin`` claims it (lock; --overwrite moves the old run
-    aside), ``commit`` writes the config and dataset record and deletes a replaced run, ``rollback``
-    puts everything back. Between ``begin`` and ``commit`` the trainer builds, resumes and starts;
-    nothing it reads is changed until then.
+    aside), ``commit`` writes the config and dataset record, ``settle`` deletes a replaced run once
+    the new one has written its first complete checkpoint, and ``rollback`` puts everything back (a
+    start that fails, or a new run that fails before its first checkpoint). Between ``begin`` and
+    ``commit`` the trainer builds, resumes and starts; nothing it reads is changed until then. A run
+    killed before its first checkpoint leaves the replaced run aside: the next start puts it back.
     """
 
     def __init__(self, run_dir: Path, *, resume: bool, overwrite: bool):
@@ -213,7 +227,33 @@ class RunFolder:
         self.aside: Path | None = None
         self.lock: RunLock | None = None
 
+    @property
+    def replacing(self) -> bool:
+        """Whether a replaced run is still kept aside (the new run has no checkpoint yet)."""
+        return self.aside is not None
+
+    def _recover_replaced(self) -> None:
+        """Put back a run that an --overwrite killed before its first checkpoint had moved aside (its
+        process is gone); drop one whose replacement did checkpoint."""
+        for aside in self.run_dir.parent.glob(f".{self.run_dir.name}.replaced-*"):
+            pid = aside.name.rpartition("-")[2]
+            if not aside.is_dir() or not pid.isdigit() or _alive(int(pid)):
+                continue
+            if (self.run_dir / "checkpoints" / "latest").is_file():
+                shutil.rmtree(aside, ignore_errors=True)
+                continue
+            if self.run_dir.is_dir() and not self.run_dir.is_symlink():
+                shutil.rmtree(self.run_dir)
+            elif self.run_dir.exists() or self.run_dir.is_symlink():
+                self.run_dir.unlink()
+            os.replace(aside, self.run_dir)
+            info(
+                f"warning: {self.run_dir} held a run that was stopped before its first checkpoint while replacing "
+                "another (--overwrite); the replaced run is back in place"
+            )
+
     def begin(self) -> None:
+        self._recover_replaced()
         check_run_dir(self.run_dir, resume=self.resume, overwrite=self.overwrite)
         fix = "stop that trainer first, or choose another --run-dir"
         existing = self.run_dir.is_dir() and is_run_dir(self.run_dir)
@@ -232,6 +272,9 @@ class RunFolder:
     def commit(self, cfg: Config, data: Dataset) -> None:
         write_atomic(self.run_dir / "config.toml", config_mod.dumps(cfg).encode())
         record_dataset(self.run_dir, data)
+
+    def settle(self) -> None:
+        """The new run has a complete checkpoint: the replaced run can go."""
         if self.aside is not None:
             shutil.rmtree(self.aside, ignore_errors=True)
             self.aside = None

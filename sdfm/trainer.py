@@ -19,6 +19,7 @@ import gc
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -147,6 +148,7 @@ class Trainer:
         self.coupling = self._build_coupling()
         self.worker = None  # the dual-potential worker subprocess, when rank 0 started one
         self.feed: SnapshotFeed | None = None  # rank 0's feed of the worker's potentials
+        self.on_checkpoint: Callable[[Path], None] | None = None  # called after each checkpoint (rank 0)
         self.stream = DataStream(len(self.data), cfg.train.batch_size, cfg.train.seed)  # global batches
         lo = self.rank * self.local_batch
         self.pairing = PairSource(
@@ -329,10 +331,10 @@ class Trainer:
             metrics = self.train_step()
             window_n += cfg.train.batch_size
             monitor.advance()
-            if not math.isfinite(metrics["loss"]):
-                raise RuntimeError(
-                    f"loss is {metrics['loss']} at step {self.step}; lower optim.lr or check the data"
-                )
+            # (fp16's gradient scaler skips steps with inf gradients itself: only its loss counts)
+            grads_ok = math.isfinite(metrics["grad_norm"]) or self.scaler.is_enabled()
+            if not (math.isfinite(metrics["loss"]) and grads_ok):
+                raise AgreedError(self._diverged(metrics))  # every rank sees the same reduced loss
             if self.step % cfg.train.log_every == 0 or self.step == until:
                 if self.worker is not None and (warning := self.worker.check()):
                     monitor.print(warning)
@@ -350,6 +352,19 @@ class Trainer:
 
             evaluate_run(self.run_dir, monitor=monitor, trainer=self)
         monitor.close()
+
+    def _diverged(self, metrics: dict[str, float]) -> str:
+        """The one line that ends a run whose loss or gradient stopped being finite: the step, the
+        likely cause, and the checkpoint it can resume from (nothing non-finite is ever saved)."""
+        cfg = self.cfg
+        steps = self.ckpt.steps()
+        last = f"the last checkpoint (step {steps[0]}) is intact" if steps else "no checkpoint was written"
+        what = "loss" if not math.isfinite(metrics["loss"]) else "gradient norm"
+        return (
+            f"training diverged: the {what} is {metrics['loss'] if what == 'loss' else metrics['grad_norm']} at step "
+            f"{self.step}; lower optim.lr (now {cfg.optim.lr:g}) or set optim.grad_clip, and check the range of the "
+            f"data and source points; {last}"
+        )
 
     def _on_sigterm(self, signum, frame) -> None:
         del signum, frame
@@ -393,7 +408,7 @@ class Trainer:
         if not self.pg.env.is_main:
             return None
         meta = {"fingerprint": self.data.fingerprint, "dataset": self.data.name}
-        return self.ckpt.save(
+        path = self.ckpt.save(
             self.step,
             tensors={
                 "model": self.model.state_dict(),
@@ -416,6 +431,9 @@ class Trainer:
             },
             metadata=meta,
         )
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(path)
+        return path
 
     def _fits_this_run(self, ckpt) -> None:
         """Accept a verified checkpoint for this run: a layout this sdfm reads (else ValueError: it is
@@ -625,12 +643,22 @@ def run_training(
             raise
         if env.is_main:
             folder.commit(cfg, dataset)
+            trainer.on_checkpoint = lambda _: folder.settle()  # a replaced run goes once this one checkpointed
         pg.wait_for_main("the run folder")
-        trainer.start_potential(resumed)  # a worker it spawns reads the committed config
-        if trainer.step == cfg.train.steps:
-            info(f"{run_dir} is already at step {trainer.step} = train.steps; nothing to train")
-        trainer.train()
-        pg.any(False)  # leave together: rank 0 may still be writing the last checkpoint
+        try:
+            trainer.start_potential(resumed)  # a worker it spawns reads the committed config
+            if trainer.step == cfg.train.steps:
+                info(f"{run_dir} is already at step {trainer.step} = train.steps; nothing to train")
+            trainer.train()
+            pg.any(False)  # leave together: rank 0 may still be writing the last checkpoint
+        except BaseException:
+            if env.is_main and folder.replacing:  # --overwrite, and the new run never checkpointed
+                if trainer.worker is not None:
+                    trainer.worker.stop()
+                    trainer.worker = None
+                folder.rollback()
+                info(f"the new run stopped before its first checkpoint; {run_dir} holds the replaced run again")
+            raise
     finally:
         if trainer is not None and trainer.worker is not None:
             trainer.worker.stop()

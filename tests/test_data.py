@@ -95,8 +95,8 @@ def test_image_folder_with_classes(tmp_path):
         (lambda p: p.write_bytes(b"garbage"), "cannot read"),
         (lambda p: np.save(p, np.zeros((0, 3), np.float32)), "empty"),
         (lambda p: np.save(p, np.zeros(5, np.float32)), "shape"),
-        (lambda p: np.save(p, np.array([[0.0, np.nan]] * 20, np.float32)), "NaN or Inf"),
-        (lambda p: np.save(p, np.array([[0.0, np.inf]] * 20, np.float32)), "NaN or Inf"),
+        (lambda p: np.save(p, np.array([[0.0, np.nan]] * 20, np.float32)), "NaN, Inf"),
+        (lambda p: np.save(p, np.array([[0.0, np.inf]] * 20, np.float32)), "NaN, Inf"),
     ],
 )
 def test_bad_files(tmp_path, make, match):

@@ -94,7 +94,7 @@ def _ranks(rank: int, world: int, keops: bool) -> dict:
     # Couplings: two steps each (the second one warm-started), per-rank generators seeded differently.
     for per_class in (False, True):
         coupling = ShardedSinkhornCoupling(
-            SinkhornCoupling(SinkhornOptions(epsilon=0.1, tol=1e-5), per_class=per_class), GroupCollectives()
+            SinkhornCoupling(SinkhornOptions(epsilon=0.1, tol=1e-5), warm_start=True, per_class=per_class), GroupCollectives()
         )
         gen = torch.Generator().manual_seed(11 + rank)
         for step in range(2):
@@ -199,7 +199,7 @@ def test_keops_backend_sharded(ranks):
 @pytest.mark.parametrize("per_class", [False, True], ids=["global", "per_class"])
 def test_sharded_pairs_equal_single_process_pairs(ranks, per_class):
     world, outs = ranks
-    coupling = SinkhornCoupling(SinkhornOptions(epsilon=0.1, tol=1e-5), per_class=per_class)
+    coupling = SinkhornCoupling(SinkhornOptions(epsilon=0.1, tol=1e-5), warm_start=True, per_class=per_class)
     gen = torch.Generator().manual_seed(11)  # rank 0's seed: the shared sampling seed comes from rank 0
     for step in range(2):
         b = batch(world, step)

@@ -195,7 +195,7 @@ def test_existing_target_refused_then_replaced_only_when_complete(tmp_path):
         pack_source(str(tmp_path / "a.npz"), out, progress=False, log=_quiet)
     # A failing overwrite (here: the source is not finite) leaves the old pack as it was.
     np.save(tmp_path / "nan.npy", np.full((20, 3), np.nan, np.float32))
-    with pytest.raises(UserError, match="NaN or Inf"):
+    with pytest.raises(UserError, match="NaN, Inf"):
         pack_source(str(tmp_path / "nan.npy"), out, overwrite=True, progress=False, log=_quiet)
     assert out.read_bytes() == before and not list(tmp_path.glob(".a.safetensors.partial-*"))
 

@@ -238,7 +238,7 @@ def test_bad_input_exits_2(tmp_path, args, needles):
     [
         (b"\x93NUMPY garbage", "cannot read"),
         (None, "empty"),
-        ("nan", "NaN or Inf"),
+        ("nan", "NaN, Inf"),
         ("shape", "shape"),
     ],
 )

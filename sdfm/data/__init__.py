@@ -153,6 +153,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
                 f"data.source_path {cfg.source_path} holds points of shape {tuple(got.x.shape[1:])} but the data's are "
                 f"{tuple(x.shape[1:])}; use a source file of the data's point shape"
             )
+        files.check_values(got.x, f"data.source_path {cfg.source_path}")  # integer files too
         source = Source("file", got.x.dense())
     elif cfg.source != "normal" and tuple(x.shape[1:]) != (2,):
         raise UserError(

@@ -111,11 +111,24 @@ def as_points(x: np.ndarray, path) -> Points:
         storage = torch.from_numpy(x)
     points = Points(storage, divisor=divisor, offset=offset, channels_last=channels_last)
     if x.dtype.kind == "f":
-        finite = points.is_finite()
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
-            raise UserError(f"{path}: {bad} sample(s) contain NaN or Inf; clean the data before training")
+        check_values(points, path)
     return points
+
+
+MAX_ABS = 1e15
+"""Largest coordinate sdfm trains on: beyond it the squared distances and losses of a batch overflow
+float32 (3.4e38) for any dimension up to 10^8."""
+
+
+def check_values(points: Points, path) -> None:
+    """Refuse points holding NaN, Inf or values beyond ``MAX_ABS`` (one line naming the file)."""
+    good = points.is_finite(MAX_ABS)
+    if not bool(good.all()):
+        bad = int((~good).sum())
+        raise UserError(
+            f"{path}: {bad} sample(s) contain NaN, Inf or values beyond {MAX_ABS:g} (which overflow float32 in "
+            "training); clean or rescale the data before training"
+        )
 
 
 def pick(arrays: dict, keys: tuple[str, ...]) -> np.ndarray | None:

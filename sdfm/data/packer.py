@@ -142,9 +142,13 @@ def _stored_block(block: np.ndarray, shape, dtype: np.dtype, channels_last: bool
                 "or float images already in the training range"
             )
         return block.astype(np.uint8)
-    if dtype != np.uint8 and not np.isfinite(block).all():
-        bad = int((~np.isfinite(block.reshape(len(block), -1))).any(1).sum())
-        raise UserError(f"{source}: {bad} row(s) from {lo} contain NaN or Inf; clean the data before packing")
+    if dtype != np.uint8:
+        good = (np.abs(block.reshape(len(block), -1)) < files.MAX_ABS).all(1)  # NaN compares False
+        if not good.all():
+            raise UserError(
+                f"{source}: {int((~good).sum())} row(s) from {lo} contain NaN, Inf or values beyond "
+                f"{files.MAX_ABS:g}; clean or rescale the data before packing"
+            )
     return block
 
 

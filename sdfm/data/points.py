@@ -169,11 +169,11 @@ class Points:
         """The same points read as flat (d,) vectors, as ``x.flatten(1)`` of their float32 tensor."""
         return self._view(self.rows, True)
 
-    def is_finite(self) -> Tensor:
-        """(N,) bool: which points hold only finite values (read in chunks)."""
+    def is_finite(self, limit: float = math.inf) -> Tensor:
+        """(N,) bool: which points hold only finite values of magnitude below ``limit`` (read in chunks)."""
         if not self.storage.dtype.is_floating_point:
             return torch.ones(len(self), dtype=torch.bool)
-        return torch.cat([torch.isfinite(c.flatten(1)).all(1) for c in self.chunks()])
+        return torch.cat([(c.flatten(1).abs() < limit).all(1) for c in self.chunks()])
 
     def __repr__(self) -> str:
         return f"Points({len(self)} x {tuple(self.point_shape)}, stored {self.stored_dtype})"
