@@ -195,6 +195,10 @@ def run_without_held_out(run: Path, tmp: Path) -> None:
     )
 
 
+def huge_source(run: Path, tmp: Path) -> None:
+    np.save(tmp / "big.npy", np.full((50, 2), 1e30, np.float32))
+
+
 def no_marker(run: Path, tmp: Path) -> None:
     assert not (tmp / "pwned.txt").exists(), "the pickle payload ran"
 
@@ -265,6 +269,13 @@ CASES = [
          "--train.eval-at-end", "True"], 2, r"data\.num_eval = 0 leaves no held-out data", check=absent("new")),
     Case("eval-without-held-out", ["eval", "--run-dir", "{tmp}/noeval"], 2, r"no held-out data", run_without_held_out),
     Case("zero-target-chi2", ["train", "--run-dir", "{tmp}/new", *TINY, "--potential.target-chi2", "0"], 2, r"target_chi2"),
+    # --- settings and data that can only diverge: refused before the old run is touched
+    Case("overwrite-lr-inf", ["train", "--run-dir", "{run}", "--overwrite", *TINY, "--optim.lr", "inf"], 2,
+         r"optim\.lr = inf .*finite"),
+    Case("overwrite-lr-1e30", ["train", "--run-dir", "{run}", "--overwrite", *TINY, "--optim.lr", "1e30"], 2, r"optim\.lr .*\(0, 1\]"),
+    Case("overwrite-source-1e30", ["train", "--run-dir", "{run}", "--overwrite", *TINY, "--data.source", "file",
+         "--data.source-path", "{tmp}/big.npy"], 2, r"big\.npy: .*values beyond", huge_source),
+    Case("eval-atol-inf", ["train", "--run-dir", "{tmp}/new", *TINY, "--eval.atol", "inf"], 2, r"eval\.atol", check=absent("new")),
     # --- damaged checkpoints: skipped with a warning, the previous complete one resumes
     Case("corrupt-model-rehashed", [*RESUME, "--train.steps", "30"], 0, FALLBACK, corrupt_model, "", resumed_from_10),
     Case("truncated-model", [*RESUME, "--train.steps", "30"], 0, FALLBACK + r".*hash", truncate_model, "", resumed_from_10),
@@ -301,8 +312,8 @@ CASES = [
 ]  # fmt: skip
 
 
-def test_the_table_has_at_least_40_cases():
-    assert len(CASES) >= 40 and len({c.name for c in CASES}) == len(CASES)
+def test_case_names_are_unique():
+    assert len({c.name for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -339,11 +350,65 @@ def test_a_corrected_first_start_is_not_blocked(tmp_path, capsys):
     assert (run / "checkpoints" / "step-00000004").is_dir()
 
 
-def test_overwrite_replaces_a_run_only_once_the_new_one_starts(base_run, tmp_path):
+def test_overwrite_replaces_a_run_only_once_the_new_one_checkpointed(base_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
     assert run_cli(["train", "--run-dir", run, "--overwrite", *TINY, "--train.steps", "4"]) == 0
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000004"]
+    assert not list(tmp_path.glob(".run.replaced-*"))
+
+
+def _diverge_at(monkeypatch, step: int) -> None:
+    """Make the trainer's loss NaN from ``step`` on (a diverging run, without waiting for one)."""
+    from sdfm.trainer import Trainer
+
+    real = Trainer.train_step
+
+    def train_step(self):
+        metrics = real(self)
+        if self.step >= step:
+            metrics["loss"] = float("nan")
+        return metrics
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_a_new_run_that_diverges_before_its_first_checkpoint_gives_the_replaced_run_back(
+    base_run, tmp_path, monkeypatch, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    before = snapshot(run)
+    _diverge_at(monkeypatch, 3)
+    assert run_cli(["train", "--run-dir", run, "--overwrite", *TINY, "--train.steps", "30"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged: the loss is nan at step 3; lower optim.lr"), err[-2000:]
+    assert "no checkpoint was written" in last and "Traceback" not in err
+    assert snapshot(run) == before and not list(tmp_path.glob(".run.replaced-*"))
+
+
+def test_a_run_that_diverges_keeps_its_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    _diverge_at(monkeypatch, 13)
+    assert run_cli(["train", "--run-dir", run, *TINY, "--train.steps", "30"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "at step 13" in last and "the last checkpoint (step 10) is intact" in last
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000010"]
+    monkeypatch.undo()
+    assert run_cli(["train", "--run-dir", run, "--resume", "--train.steps", "20"]) == 0
+
+
+def test_a_replacement_killed_before_its_first_checkpoint_gives_the_replaced_run_back(base_run, tmp_path, capsys):
+    """What a SIGKILL of an --overwrite start leaves (the old run aside, a new folder without a
+    checkpoint) is undone by the next start, which then resumes the old run."""
+    run = tmp_path / "run"
+    shutil.copytree(base_run, tmp_path / ".run.replaced-999999999")  # no such process
+    shutil.copytree(base_run, run)
+    shutil.rmtree(run / "checkpoints")
+    assert run_cli(["train", "--run-dir", run, "--resume", "--train.steps", "30"]) == 0
+    assert "the replaced run is back in place" in capsys.readouterr().err
+    assert (run / "checkpoints" / "step-00000030").is_dir() and (run / "checkpoints" / "step-00000020").is_dir()
     assert not list(tmp_path.glob(".run.replaced-*"))
 
 
