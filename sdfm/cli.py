@@ -371,10 +371,30 @@ def _first_message(text: str) -> str | None:
     return lines[1] if len(lines) > 1 else (lines[0] if lines else None)
 
 
+def check_bench_args(bench) -> None:
+    """Refuse (one line) a benchmark setting that cannot be run: a negative number anywhere, and 0 where
+    the default is not 0 (a size, a count or a budget; 0 means "auto" or "skip" only where it is the
+    default, like --threads 0)."""
+    for f in fields(bench):
+        value, default = getattr(bench, f.name), f.default
+        if default is MISSING and f.default_factory is not MISSING:
+            default = f.default_factory()
+        values = value if isinstance(value, list) else [value]
+        defaults = default if isinstance(default, list) else [default]
+        flag = "--" + f.name.replace("_", "-")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                continue
+            if v < 0 or (v == 0 and 0 not in defaults) or v != v:
+                raise UserError(f"{flag} {v} must be positive; pass a size, count or budget above 0")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         command = parse(argv)
+        if isinstance(command, tuple(BENCHES.values())):
+            check_bench_args(command)
         code = command.run()
     except UserError as e:
         rank = os.environ.get("RANK", "0")
@@ -384,5 +404,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `sdfm train --help | head -1`: the reader left; that is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout at exit: into nothing now
+        sys.exit(0)
     if code:
         sys.exit(code)

@@ -110,6 +110,16 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
             break
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir} is a file; choose a folder")
+    if resume and not run_dir.exists():
+        raise UserError(
+            f"--resume: {run_dir} does not exist; check the --run-dir path, or drop --resume to start a new run"
+        )
+    for name, want in (("checkpoints", "a folder"), (".lock", "a file"), ("config.toml", "a file")):
+        found = run_dir / name
+        if found.exists() and (found.is_dir() if want == "a file" else not found.is_dir()):
+            raise UserError(
+                f"{found} is not {want}, but sdfm keeps its {name} there; move it out of the run folder"
+            )
     # A start killed before its commit leaves only the lock (and perhaps a heartbeat): that is empty.
     if run_dir.is_dir() and any(p.name not in (".lock", HEARTBEAT_FILE) for p in run_dir.iterdir()):
         if not is_run_dir(run_dir):

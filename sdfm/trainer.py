@@ -164,7 +164,8 @@ class Trainer:
             refresh=self.refresh_potential,
         )
         self.step = 0
-        self.stop_requested = False  # set by SIGTERM; acted on at the next step boundary
+        self.stop_requested = False  # set by SIGTERM or SIGINT; acted on at the next step boundary
+        self.stop_signal = ""  # which of them
         self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last, warn=info)
 
     def _build_method(self) -> Method:
@@ -305,7 +306,9 @@ class Trainer:
 
     def train(self, until: int | None = None) -> None:
         """Run from ``self.step`` to ``train.steps`` (or stop early after step ``until``, as a preempted
-        job would), logging and checkpointing on the way. On SIGTERM, every rank stops at the same step
+        job would), logging and checkpointing on the way. On SIGTERM or SIGINT (Ctrl-C), every rank stops
+        at the same step boundary and rank 0 saves it; SIGINT then ends the command as interrupted (exit
+        130), with nothing lost. On SIGTERM, every rank stops at the same step
         boundary and rank 0 saves it."""
         cfg, main = self.cfg, self.pg.env.is_main
         until = cfg.train.steps if until is None else min(until, cfg.train.steps)
@@ -318,6 +321,7 @@ class Trainer:
             f"{amp.describe(self.precision)}{', compiled' if cfg.train.compile else ''}"
         )
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        previous_int = signal.signal(signal.SIGINT, self._on_sigterm)
         window_t, window_n = time.perf_counter(), 0
         beat = -math.inf
         while self.step < until:
@@ -326,7 +330,7 @@ class Trainer:
                 beat = time.monotonic()
             if self.pg.any(self.stop_requested):  # agreed by all ranks, so all stop at this step
                 path = self.save()
-                monitor.print(f"SIGTERM: saved checkpoint {path} at step {self.step}; exiting")
+                monitor.print(f"{self.stop_signal or 'SIGTERM'}: saved checkpoint {path} at step {self.step}; exiting")
                 break
             metrics = self.train_step()
             window_n += cfg.train.batch_size
@@ -346,6 +350,11 @@ class Trainer:
                 path = self.save()
                 monitor.print(f"saved checkpoint {path}")
         signal.signal(signal.SIGTERM, previous_handler)
+        signal.signal(signal.SIGINT, previous_int)
+        if self.stop_signal == "SIGINT":
+            self.pairing.close()
+            monitor.close()
+            raise KeyboardInterrupt  # saved: the command ends as interrupted
         self.pairing.close()
         if cfg.train.eval_at_end and self.step == cfg.train.steps and main:
             from sdfm.evaluate import evaluate_run
@@ -367,8 +376,11 @@ class Trainer:
         )
 
     def _on_sigterm(self, signum, frame) -> None:
-        del signum, frame
+        del frame
+        if self.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, from the last checkpoint
         self.stop_requested = True
+        self.stop_signal = signal.Signals(signum).name
 
     def start_potential(self, resumed: bool) -> None:
         """Give the semidiscrete coupling its potential from its source (``sdfm.potential_sources``: a

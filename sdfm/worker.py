@@ -109,6 +109,16 @@ def run_worker(
             f"no config at {cfg_path}; point --run-dir at a run made by `sdfm train` (or pass --config)"
         )
     cfg = config_mod.load_config(cfg_path)
+    if cfg.coupling.kind != "semidiscrete":
+        raise UserError(
+            f"{cfg_path} trains with coupling.kind = {cfg.coupling.kind!r}, which uses no dual potential; the worker "
+            "fits potentials for semidiscrete runs only"
+        )
+    if config_path is None and not (run_dir / "dataset.json").is_file():
+        raise UserError(
+            f"{run_dir} holds a config but no dataset.json: it is not a run started by `sdfm train`; start the "
+            "trainer first, or pass --config to fit for a run folder of your own"
+        )
     if cfg.potential.worker_threads:
         torch.set_num_threads(cfg.potential.worker_threads)
     device = potential_device(env, cfg)

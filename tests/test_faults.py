@@ -199,6 +199,22 @@ def huge_source(run: Path, tmp: Path) -> None:
     np.save(tmp / "big.npy", np.full((50, 2), 1e30, np.float32))
 
 
+def checkpoints_is_a_file(run: Path, tmp: Path) -> None:
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").write_text("x")
+
+
+def lock_is_a_folder(run: Path, tmp: Path) -> None:
+    (run / ".lock").unlink(missing_ok=True)
+    (run / ".lock").mkdir()
+
+
+def config_only_semidiscrete(run: Path, tmp: Path) -> None:
+    (tmp / "cfgonly").mkdir()
+    text = (run / "config.toml").read_text().replace('kind = "exact"', 'kind = "semidiscrete"')
+    (tmp / "cfgonly" / "config.toml").write_text(text)
+
+
 def no_marker(run: Path, tmp: Path) -> None:
     assert not (tmp / "pwned.txt").exists(), "the pickle payload ran"
 
@@ -309,6 +325,22 @@ CASES = [
     Case("worker-no-config", ["worker", "--run-dir", "{tmp}"], 2, r"no config at"),
     Case("fit-out-below-file", ["fit-potential", "--out", "{tmp}/file/g.safetensors", *TINY[:6]], 2, r"which is a file", a_file),
     Case("fit-out-suffix", ["fit-potential", "--out", "{tmp}/g.txt", *TINY[:6]], 2, r"must end in \.safetensors"),
+    Case("worker-on-exact-run", ["worker", "--run-dir", "{run}", "--max-steps", "5"], 2, r"uses no dual potential"),
+    Case("worker-on-config-only", ["worker", "--run-dir", "{tmp}/cfgonly", "--max-steps", "5"], 2, r"no dataset\.json",
+         config_only_semidiscrete, check=absent("cfgonly/potential")),
+    # --- the run folder's own files in the wrong shape, a typo in --run-dir
+    Case("resume-typo-folder", ["train", "--run-dir", "{tmp}/typo", "--resume", *TINY], 2, r"typo does not exist",
+         check=absent("typo")),
+    Case("checkpoints-is-a-file", RESUME, 2, r"checkpoints is not a folder", checkpoints_is_a_file),
+    Case("lock-is-a-folder", RESUME, 2, r"\.lock is not a file", lock_is_a_folder),
+    # --- benchmarks with sizes that cannot run
+    Case("bench-sinkhorn-negative", ["bench", "sinkhorn", "--sizes", "-5"], 2, r"--sizes -5 must be positive"),
+    Case("bench-sinkhorn-zero", ["bench", "sinkhorn", "--sizes", "0"], 2, r"--sizes 0 must be positive"),
+    Case("bench-sinkhorn-repeats", ["bench", "sinkhorn", "--repeats", "0", "--iters", "-1"], 2, r"must be positive"),
+    Case("bench-exact-zero", ["bench", "exact", "--sizes", "0"], 2, r"--sizes 0"),
+    Case("bench-exact-negative", ["bench", "exact", "--sizes", "-1", "--dims", "-2"], 2, r"must be positive"),
+    Case("bench-match-zero", ["bench", "match", "--N", "0", "--B", "-1"], 2, r"must be positive"),
+    Case("bench-potential-budget", ["bench", "potential", "--budget", "-1"], 2, r"--budget -1\.0 must be positive"),
 ]  # fmt: skip
 
 
@@ -433,6 +465,47 @@ def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_exits_2(
     assert first.startswith("error: no space left") and "previous checkpoint" in first
     assert snapshot(run / "checkpoints") == before
     assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    """`sdfm train --help | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "sdfm", "train", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    proc.stdout.readline()
+    proc.stdout.close()  # as head -1 does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_run_files_follow_the_umask(tmp_path):
+    """config.toml, dataset.json, latest and the potentials are readable by a teammate when the umask
+    says so (they were 0600 whatever it was)."""
+    from sdfm.checkpoint import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.toml", b"x")
+        os.umask(0o077)
+        write_atomic(tmp_path / "b.toml", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.toml").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.toml").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
+    run = tmp_path / "run"
+    proc = _train_proc(run, 100_000, "--train.ckpt-every", "100000", "--train.log-every", "1")
+    for line in proc.stdout:  # wait for training to run, then press Ctrl-C
+        if line.startswith("step "):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    saved = re.search(r"SIGINT: saved checkpoint .*step-(\d+) at step (\d+)", out)
+    assert saved and (run / "checkpoints" / f"step-{int(saved.group(2)):08d}").is_dir(), out
+    assert run_cli(["train", "--run-dir", run, "--resume", "--train.steps", str(int(saved.group(2)) + 2)]) == 0
 
 
 def test_checkpoint_bytes_are_deterministic(tmp_path):
