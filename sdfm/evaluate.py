@@ -51,13 +51,19 @@ def load_run(run_dir: Path, ema: bool = True) -> LoadedRun:
             f"--run-dir {run_dir} holds no sdfm run (no config.toml); point it at a folder made by `sdfm train`"
         )
     cfg = config_mod.load_config(run_dir / "config.toml")
-    ckpt = CheckpointManager(run_dir, cfg.train.keep_last, warn=info).load_latest()
+    data = load_dataset(cfg.data)
+    model = build_model(cfg.model, data.shape, data.num_classes if cfg.data.conditional else 0)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    def fits(ckpt) -> None:  # a checkpoint of other shapes is skipped like a damaged one, as by --resume
+        if ckpt.shapes("ema" if ema else "model") != ours:
+            raise ValueError(f"{'ema' if ema else 'model'}.safetensors does not hold this model's parameters")
+
+    ckpt = CheckpointManager(run_dir, cfg.train.keep_last, warn=info).load_latest(accept=fits)
     if ckpt is None:
         raise UserError(
             f"run {run_dir} has no checkpoint yet; train it first (sdfm train --run-dir {run_dir} --resume)"
         )
-    data = load_dataset(cfg.data)
-    model = build_model(cfg.model, data.shape, data.num_classes if cfg.data.conditional else 0)
     model.load_state_dict(ckpt.tensors("ema" if ema else "model"))
     model.eval()
     potential = ckpt.tensors("coupling").get("g") if cfg.coupling.kind == "semidiscrete" else None

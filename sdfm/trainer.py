@@ -469,6 +469,27 @@ class Trainer:
                 raise ValueError(
                     f"{name}.safetensors does not hold this model's parameters (names or shapes differ)"
                 )
+        self._states_load(ckpt)
+
+    def _states_load(self, ckpt) -> None:
+        """Raise ValueError (the checkpoint is skipped like a damaged one) unless its optimizer,
+        scheduler and data position load: a state forged with its hash updated, or of another layout,
+        must not wedge every resume. Loaded into scratch objects; nothing of this trainer changes."""
+        position = ckpt.state["data_position"]
+        keys = ("epoch", "batch", "seed", "n", "batch_size")
+        if not all(isinstance(position.get(k), int) and not isinstance(position.get(k), bool) for k in keys):
+            raise ValueError(f"its data position {position} is not {{{', '.join(keys)}}} of integers")
+        try:
+            scratch = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.optim.lr)
+            scratch.load_state_dict(ckpt.object("optimizer"))
+            sched_state = ckpt.object("scheduler")
+            if not isinstance(sched_state.get("last_epoch"), int) or not isinstance(sched_state.get("_step_count"), int):
+                raise TypeError("last_epoch and _step_count must be integers")
+            scheduler = torch.optim.lr_scheduler.LambdaLR(scratch, lr_lambda(self.cfg))
+            scheduler.load_state_dict(sched_state)
+            scheduler.get_last_lr()
+        except Exception as e:  # torch raises KeyError, ValueError, TypeError ... for a foreign state
+            raise ValueError(f"its optimizer or scheduler state cannot be loaded ({type(e).__name__}: {e})") from None
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint; False when the run has none yet."""

@@ -199,6 +199,32 @@ def huge_source(run: Path, tmp: Path) -> None:
     np.save(tmp / "big.npy", np.full((50, 2), 1e30, np.float32))
 
 
+def forge_state(name: str, edit: Callable) -> Callable[[Path, Path], None]:
+    """Rewrite checkpoint 20's ``name`` state with ``edit`` and record its new hash (a forger would)."""
+
+    def setup(run: Path, tmp: Path) -> None:
+        from sdfm.checkpoint import state_from_bytes, state_to_bytes
+
+        d = step20(run)
+        if name == "data_position":
+            state = json.loads((d / "trainer_state.json").read_text())
+            state["data_position"] = edit(state["data_position"])
+            (d / "trainer_state.json").write_text(json.dumps(state))
+            return
+        f = d / f"{name}.safetensors"
+        f.write_bytes(state_to_bytes(edit(state_from_bytes(f.read_bytes()))))
+        rehash(d, f.name)
+
+    return setup
+
+
+def ema_of_other_shape(run: Path, tmp: Path) -> None:
+    d = step20(run)
+    weights = load_file(d / "ema.safetensors")
+    save_file({k: torch.cat([v, v]) if v.dim() else v for k, v in weights.items()}, d / "ema.safetensors")
+    rehash(d, "ema.safetensors")
+
+
 def checkpoints_is_a_file(run: Path, tmp: Path) -> None:
     shutil.rmtree(run / "checkpoints")
     (run / "checkpoints").write_text("x")
@@ -303,6 +329,16 @@ CASES = [
     Case("state-missing", [*RESUME, "--train.steps", "30"], 0, FALLBACK + r".*missing", state_missing, "", resumed_from_10),
     Case("model-of-other-shape", [*RESUME, "--train.steps", "30"], 0, FALLBACK + r".*shapes", model_of_other_shape, "",
          resumed_from_10),
+    Case("optimizer-forged-empty", [*RESUME, "--train.steps", "30"], 0, FALLBACK + r".*optimizer",
+         forge_state("optimizer", lambda s: {}), "", resumed_from_10),
+    Case("scheduler-forged-epoch", [*RESUME, "--train.steps", "30"], 0, FALLBACK + r".*scheduler",
+         forge_state("scheduler", lambda s: {**s, "last_epoch": "abc"}), "", resumed_from_10),
+    Case("data-position-forged", [*RESUME, "--train.steps", "30"], 0, FALLBACK + r".*data position",
+         forge_state("data_position", lambda s: {"epoch": 0}), "", resumed_from_10),
+    Case("sample-newest-ema-other-shape", ["sample", "--run-dir", "{run}", "--out", "{tmp}/s.npy", "--num", "8"], 0,
+         FALLBACK + r".*ema", ema_of_other_shape, "checkpoints"),
+    Case("eval-newest-ema-other-shape", ["eval", "--run-dir", "{run}", "--nfe", "1", "--num-samples", "64"], 0,
+         FALLBACK + r".*ema", ema_of_other_shape, "checkpoints"),
     Case("all-damaged", RESUME, 2, r"no complete checkpoint", all_damaged),
     Case("latest-is-a-folder", RESUME, 2, r"latest is not a file", latest_is_dir),
     Case("garbage-dataset-json", RESUME, 2, r"dataset\.json is not a dataset record", garbage_dataset),
