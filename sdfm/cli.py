@@ -67,13 +67,9 @@ class TrainCommand:
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them")
         run_dir = self.run_dir or Path("runs") / (self.config.stem if self.config else "default")
-        run_training(
-            config_mod.validate(self.cfg),
-            run_dir,
-            resume=self.resume,
-            overwrite=self.overwrite,
-            init_from=self.init_from,
-        )
+        if self.init_from is not None:  # the flag is a short form of --method.init-from
+            self.cfg.method.init_from = str(self.init_from)
+        run_training(config_mod.validate(self.cfg), run_dir, resume=self.resume, overwrite=self.overwrite)
 
 
 @dataclass(kw_only=True)

@@ -194,6 +194,10 @@ class MethodConfig:
     """'fm': flow matching (regress the path's velocity); 'meanflow': a mean-flow model u(x, s, t) of
     the average velocity over [s, t], sampled in 1..k steps (needs model.horizon_input); 'oat': OAT-FM
     fine-tuning of a trained run (sdfm train --init-from RUN)."""
+    init_from: str = ""
+    """method.kind = 'oat': the trained run whose EMA weights this run starts from (sdfm train
+    --init-from RUN sets it); recorded with the run, so a resume before the first checkpoint starts
+    from it again."""
     path: Literal["linear", "hermite", "learned"] = "linear"
     """Path between x0 and x1: straight, the cubic Hermite curve of OAT-FM (method.kind = 'oat'), or
     learned monotone schedules a(t) x0 + b(t) x1 fitted before training to straighten the flow."""

@@ -612,11 +612,12 @@ def run_training(
     *,
     resume: bool = False,
     overwrite: bool = False,
-    init_from: Path | None = None,
 ) -> Trainer:
     """Set up the run folder and train (the body of ``sdfm train``), as one process or as this rank of
-    a torchrun / accelerate job. ``init_from``: a trained run to fine-tune (OAT)."""
+    a torchrun / accelerate job. ``cfg.method.init_from``: a trained run to fine-tune (OAT); it is part
+    of the run's config, so a resume that finds no checkpoint yet starts from it again."""
     config_mod.validate(cfg)
+    init_from = Path(cfg.method.init_from) if cfg.method.init_from else None
     check_coupling_config(cfg.coupling)
     env = detect()
     set_main_process(env.is_main)
@@ -661,7 +662,10 @@ def run_training(
         if error is not None:
             raise AgreedError(error)
         try:
-            trainer = Trainer(cfg, run_dir, dataset=dataset, pg=pg, init_from=None if resume else init_from)
+            # A resume takes the weights from its checkpoint; one before the first checkpoint (killed
+            # early) starts from the init run again, as the first start did.
+            early = not resume or not CheckpointManager(run_dir, cfg.train.keep_last).steps()
+            trainer = Trainer(cfg, run_dir, dataset=dataset, pg=pg, init_from=init_from if early else None)
             resumed = resume and trainer.resume()
             if resume and not resumed:
                 info(f"no checkpoint in {run_dir} yet; starting from step 0")

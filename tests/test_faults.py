@@ -467,6 +467,27 @@ def test_a_run_that_diverges_keeps_its_last_good_checkpoint(tmp_path, monkeypatc
     assert run_cli(["train", "--run-dir", run, "--resume", "--train.steps", "20"]) == 0
 
 
+OAT = ["--method.kind", "oat", "--method.path", "hermite", "--train.steps", "4"]
+
+
+def test_an_oat_run_resumed_before_its_first_checkpoint_starts_from_its_init_run_again(base_run, tmp_path, capsys):
+    """--init-from is part of the run's config: a resume that finds no checkpoint (the first start was
+    killed early) fine-tunes the init run's weights, not random ones; a resume naming another init
+    run is refused."""
+    assert run_cli(["train", "--run-dir", tmp_path / "full", *TINY, *OAT, "--init-from", base_run]) == 0
+    assert run_cli(["train", "--run-dir", tmp_path / "early", *TINY, *OAT, "--init-from", base_run]) == 0
+    shutil.rmtree(tmp_path / "early" / "checkpoints")  # what a kill before the first checkpoint leaves
+    assert run_cli(["train", "--run-dir", tmp_path / "early", "--resume"]) == 0
+    a = load_file(tmp_path / "full" / "checkpoints" / "step-00000004" / "model.safetensors")
+    b = load_file(tmp_path / "early" / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = tmp_path / "other"
+    shutil.copytree(base_run, other)
+    capsys.readouterr()
+    code = run_cli(["train", "--run-dir", tmp_path / "early", "--resume", "--train.steps", "6", "--init-from", other])
+    assert code == 2 and "method.init_from" in capsys.readouterr().err
+
+
 def test_a_replacement_killed_before_its_first_checkpoint_gives_the_replaced_run_back(base_run, tmp_path, capsys):
     """What a SIGKILL of an --overwrite start leaves (the old run aside, a new folder without a
     checkpoint) is undone by the next start, which then resumes the old run."""

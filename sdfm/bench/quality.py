@@ -190,6 +190,7 @@ def _main(a: QualityBench) -> int:
             oat.method.oat_target_every = min(oat.method.oat_target_every, max(1, a.finetune_steps // 4))
             oat = validate(oat)
             oat_dir = run_dir.with_name(run_dir.name + "-oat")
+            oat.method.init_from = str(run_dir)
             trainer, secs = _train_cell(oat, oat_dir, init_from=run_dir)
             rows.append(
                 _evaluate_cell(a, trainer, oat, oat_dir, secs, task, coupling, f"oat +{a.finetune_steps}")
