@@ -127,6 +127,7 @@ class Trainer:
         if init_from is not None:
             load_init_weights(self.model, Path(init_from), cfg, self.data)
         self.ema = EMA(self.model, cfg.model.ema_decay)
+        self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last, warn=info)
         self.method = self._build_method()
         # DDP broadcasts rank 0's initial weights and averages gradients in backward.
         self.ddp = (
@@ -166,7 +167,6 @@ class Trainer:
         self.step = 0
         self.stop_requested = False  # set by SIGTERM or SIGINT; acted on at the next step boundary
         self.stop_signal = ""  # which of them
-        self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last, warn=info)
 
     def _build_method(self) -> Method:
         """The [method] section's path and objective, with its fitted schedule or OAT target copy."""
@@ -191,9 +191,20 @@ class Trainer:
         state = None
         if self.pg.env.is_main:
             if path.exists():
-                state = load_file(path)
-                info(f"learned path: schedule from {path}")
-            else:
+                try:  # a damaged copy (truncated, garbage, another degree, a folder) must not wedge the run
+                    state = load_file(path)
+                    MonotoneSchedule(m.schedule_degree, dim).load_state_dict(state)
+                    info(f"learned path: schedule from {path}")
+                except Exception as e:  # safetensors, torch and the OS raise many types here
+                    state = None
+                    info(f"warning: {path} cannot be used ({type(e).__name__}: {str(e)[:200]})")
+            if state is None and self.ckpt.steps():
+                # The checkpoints hold the schedule too (the method's state): resume restores it.
+                state = schedule.state_dict()
+                info("learned path: the schedule comes from the checkpoint this run resumes")
+            elif state is None:
+                if path.exists() and not path.is_file():
+                    raise UserError(f"{path} is not a file, but sdfm keeps the learned schedule there; move it away")
                 info(f"learned path: fitting the schedule ({m.schedule_steps} steps)")
                 fit = fit_schedule(
                     self.data.x.dense(), degree=m.schedule_degree, per_dim=m.schedule_per_dim, steps=m.schedule_steps,

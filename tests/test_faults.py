@@ -488,6 +488,33 @@ def test_an_oat_run_resumed_before_its_first_checkpoint_starts_from_its_init_run
     assert code == 2 and "method.init_from" in capsys.readouterr().err
 
 
+LEARNED = ["--method.path", "learned", "--method.schedule-steps", "5", "--method.schedule-batch", "32"]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: p.write_bytes(p.read_bytes()[:40]),
+        lambda p: p.write_bytes(b"garbage"),
+        lambda p: p.write_bytes(__import__("sdfm.checkpoint", fromlist=["x"]).save_tensors({"w": torch.zeros(3)}, {})),
+        lambda p: (p.unlink(), p.mkdir()),
+    ],
+    ids=["truncated", "garbage", "other-degree", "folder"],
+)
+def test_a_damaged_learned_schedule_resumes_from_the_checkpoints_copy(tmp_path, damage, capsys):
+    full, run = tmp_path / "full", tmp_path / "run"
+    assert run_cli(["train", "--run-dir", full, *TINY, *LEARNED, "--train.steps", "20"]) == 0
+    assert run_cli(["train", "--run-dir", run, *TINY, *LEARNED, "--train.steps", "10"]) == 0
+    damage(run / "schedule.safetensors")
+    capsys.readouterr()
+    assert run_cli(["train", "--run-dir", run, "--resume", "--train.steps", "20"]) == 0
+    err = capsys.readouterr().err + capsys.readouterr().out
+    assert "schedule.safetensors cannot be used" in err and "Traceback" not in err
+    a = load_file(full / "checkpoints" / "step-00000020" / "model.safetensors")
+    b = load_file(run / "checkpoints" / "step-00000020" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same schedule, from the checkpoint
+
+
 def test_a_replacement_killed_before_its_first_checkpoint_gives_the_replaced_run_back(base_run, tmp_path, capsys):
     """What a SIGKILL of an --overwrite start leaves (the old run aside, a new folder without a
     checkpoint) is undone by the next start, which then resumes the old run."""
