@@ -8,6 +8,7 @@ straightness from one fine simulation.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -118,6 +119,12 @@ def generate(
         atol=atol,
         return_trajectory=trajectory,
     )
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
 
 
 def sample_model(
@@ -326,6 +333,7 @@ def evaluate_run(
             potential=trainer.potential,
         )
     else:
+        check_writable(run_dir / "eval" / "eval.json", "--run-dir")  # before the work: eval writes RUN/eval/
         run = load_run(run_dir)
     cfg = run.cfg
     n = num_samples or cfg.eval.num_samples
@@ -337,13 +345,12 @@ def evaluate_run(
         log=monitor.print if monitor is not None else info,
     )
     out = run_dir / "eval"
-    out.mkdir(exist_ok=True)
     samples = result.pop("samples")
     x0, labels = eval_noise(cfg, run.data, n)
     picture = _picture(run, samples, x0, labels)
-    from sdfm.plots import save_png
+    from sdfm.plots import png_bytes
 
-    save_png(picture, out / "samples.png")
+    write_atomic(out / "samples.png", png_bytes(picture))
     write_atomic(out / "eval.json", json.dumps(result, indent=1).encode())
     write_summary(
         result, out / "summary.md", f"{cfg.data.name}, {cfg.coupling.kind} coupling, step {run.step}"
@@ -425,19 +432,19 @@ def sample_to_file(args) -> Path:
         res = generate(field, x0, labels, solver, args.nfe)
     except ValueError as e:
         raise UserError(f"--nfe {args.nfe} does not fit --solver {solver}: {e}") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written atomically: a full disk ends in one line and leaves no empty or torn file behind.
     if out.suffix == ".npy":
-        np.save(out, res.x.numpy())
+        write_atomic(out, _npy_bytes(res.x.numpy()))
         if labels is not None:
-            np.save(out.with_name(out.stem + "_labels.npy"), labels.numpy())
+            write_atomic(out.with_name(out.stem + "_labels.npy"), _npy_bytes(labels.numpy()))
     else:
-        from sdfm.plots import image_grid, save_png, scatter_2d
+        from sdfm.plots import image_grid, png_bytes, scatter_2d
 
         pic = (
             image_grid(res.x[:256], nrow=16)
             if run.data.is_image
             else scatter_2d(res.x[:, :2], run.data.x_eval.dense()[:, :2])
         )
-        save_png(pic, out)
+        write_atomic(out, png_bytes(pic))
     info(f"wrote {args.num} samples ({solver}, {res.nfe} NFE, step {run.step}) to {out}")
     return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 from torch import Tensor
@@ -62,7 +61,10 @@ def scatter_2d(
     return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
 
 
-def save_png(picture: np.ndarray, path: Path) -> None:
+def png_bytes(picture: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 picture as PNG bytes (callers write them atomically)."""
     from PIL import Image
 
-    Image.fromarray(picture).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(picture).save(buf, format="PNG")
+    return buf.getvalue()

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from sdfm import config as config_mod
-from sdfm.checkpoint import state_from_bytes, state_to_bytes, write_atomic
+from sdfm.checkpoint import check_writable, state_from_bytes, state_to_bytes, write_atomic
 from sdfm.data import load_dataset
 from sdfm.distributed.collectives import LOCAL, GroupCollectives
 from sdfm.distributed.env import ProcessGroup, detect, potential_device
@@ -119,6 +119,7 @@ def run_worker(
             f"{run_dir} holds a config but no dataset.json: it is not a run started by `sdfm train`; start the "
             "trainer first, or pass --config to fit for a run folder of your own"
         )
+    check_writable(potential_dir(run_dir) / "snapshot.safetensors", "--run-dir")  # before any work
     if cfg.potential.worker_threads:
         torch.set_num_threads(cfg.potential.worker_threads)
     device = potential_device(env, cfg)

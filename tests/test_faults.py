@@ -225,6 +225,36 @@ def ema_of_other_shape(run: Path, tmp: Path) -> None:
     rehash(d, "ema.safetensors")
 
 
+_MOUNTS: list[Path] = []
+"""tmpfs mounts made by a row's setup; ``test_fault`` unmounts them, pass or fail."""
+
+
+def _mount(folder: Path, options: str) -> None:
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]).returncode:
+        pytest.skip("needs root to mount a small tmpfs (a full or read-only disk)")
+    _MOUNTS.append(folder)
+
+
+def _full_disk(folder: Path) -> None:
+    """A 64 KiB tmpfs: a full disk for whatever is written there (root only; else the row is skipped)."""
+    folder.mkdir()
+    _mount(folder, "size=64k")
+    (folder / "filler").write_bytes(b"\0" * 60_000)
+
+
+def _read_only(folder: Path) -> None:
+    """A read-only mount over ``folder`` (root; else the row is skipped): chmod does not stop root."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _mount(folder, "ro,size=64k")
+
+
+def _read_only_semidiscrete_run(run: Path, sd: Path) -> None:
+    shutil.copytree(run, sd)
+    text = (sd / "config.toml").read_text().replace('kind = "exact"', 'kind = "semidiscrete"')
+    (sd / "config.toml").write_text(text)
+    _read_only(sd / "potential")
+
+
 def checkpoints_is_a_file(run: Path, tmp: Path) -> None:
     shutil.rmtree(run / "checkpoints")
     (run / "checkpoints").write_text("x")
@@ -361,6 +391,12 @@ CASES = [
     Case("worker-no-config", ["worker", "--run-dir", "{tmp}"], 2, r"no config at"),
     Case("fit-out-below-file", ["fit-potential", "--out", "{tmp}/file/g.safetensors", *TINY[:6]], 2, r"which is a file", a_file),
     Case("fit-out-suffix", ["fit-potential", "--out", "{tmp}/g.txt", *TINY[:6]], 2, r"must end in \.safetensors"),
+    Case("sample-disk-full", ["sample", "--run-dir", "{run}", "--out", "{tmp}/full/s.npy"], 2, r"disk is full|no space left",
+         lambda run, tmp: _full_disk(tmp / "full"), check=absent("full/s.npy")),
+    Case("eval-read-only-run", ["eval", "--run-dir", "{run}", "--nfe", "1"], 2, r"cannot be written",
+         lambda run, tmp: _read_only(run / "eval")),
+    Case("worker-read-only-run", ["worker", "--run-dir", "{tmp}/sd", "--max-steps", "1"], 2, r"cannot be written",
+         lambda run, tmp: _read_only_semidiscrete_run(run, tmp / "sd"), ""),
     Case("worker-on-exact-run", ["worker", "--run-dir", "{run}", "--max-steps", "5"], 2, r"uses no dual potential"),
     Case("worker-on-config-only", ["worker", "--run-dir", "{tmp}/cfgonly", "--max-steps", "5"], 2, r"no dataset\.json",
          config_only_semidiscrete, check=absent("cfgonly/potential")),
@@ -386,6 +422,14 @@ def test_case_names_are_unique():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_fault(case: Case, base_run: Path, tmp_path: Path, capsys):
+    try:
+        _run_case(case, base_run, tmp_path, capsys)
+    finally:
+        while _MOUNTS:
+            subprocess.run(["umount", str(_MOUNTS.pop())], check=False)
+
+
+def _run_case(case: Case, base_run: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
     if case.setup is not None:
