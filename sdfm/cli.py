@@ -67,6 +67,12 @@ class TrainCommand:
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them")
         run_dir = self.run_dir or Path("runs") / (self.config.stem if self.config else "default")
+        saved = run_dir / "config.toml"
+        if self.resume and self.config is None and (run_dir / "checkpoints").is_dir() and not saved.exists():
+            raise UserError(
+                f"{saved} is missing, and it records the run's settings (the checkpoints are intact): restore it, "
+                "or resume with --config set to the run's preset and the flags it was started with"
+            )
         if self.init_from is not None:  # the flag is a short form of --method.init-from
             self.cfg.method.init_from = str(self.init_from)
         run_training(config_mod.validate(self.cfg), run_dir, resume=self.resume, overwrite=self.overwrite)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from sdfm.checkpoint import CheckpointManager, check_writable, write_atomic
 from sdfm.config import Config
 from sdfm.data import Dataset, load_dataset
 from sdfm.errors import UserError
+from sdfm.memory import require_memory
 from sdfm.models import build_model
 from sdfm.monitor import info
 from sdfm.solvers import SampleResult, Velocity, sample
@@ -389,6 +391,8 @@ def sample_to_file(args) -> Path:
     if args.num < 1:
         raise UserError(f"--num {args.num} must be >= 1")
     run = load_run(args.run_dir, ema=args.ema)
+    # noise, state and the solver's evaluations: a few float32 copies of the samples
+    require_memory(4.0 * 4 * args.num * math.prod(run.data.shape), f"--num {args.num}", "sample fewer at a time")
     gen = torch.Generator().manual_seed(args.seed)
     x0 = run.data.source.draw(args.num, run.data.shape, gen)
     labels = None

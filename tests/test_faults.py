@@ -405,6 +405,15 @@ CASES = [
          check=absent("typo")),
     Case("checkpoints-is-a-file", RESUME, 2, r"checkpoints is not a folder", checkpoints_is_a_file),
     Case("lock-is-a-folder", RESUME, 2, r"\.lock is not a file", lock_is_a_folder),
+    # --- sizes beyond the machine: refused with the memory they would need
+    Case("train-num-points-huge", ["train", "--run-dir", "{tmp}/new", *TINY, "--data.num-points", "100000000000"], 2,
+         r"data\.num_points = 100000000000 needs about .* GiB", check=absent("new")),
+    Case("sample-num-huge", ["sample", "--run-dir", "{run}", "--out", "{tmp}/s.npy", "--num", "1000000000000"], 2,
+         r"--num 1000000000000 needs about .* GiB", check=absent("s.npy")),
+    Case("bench-exact-huge", ["bench", "exact", "--sizes", "10000000"], 2, r"--sizes 10000000 needs about .* GiB"),
+    Case("bench-match-huge", ["bench", "match", "--N", "10000000000"], 2, r"--N 10000000000 .*needs about .* GiB"),
+    Case("resume-config-deleted", [*RESUME, "--train.steps", "30"], 2, r"config\.toml is missing.*checkpoints are intact",
+         lambda run, tmp: (run / "config.toml").unlink()),
     # --- benchmarks with sizes that cannot run
     Case("bench-sinkhorn-negative", ["bench", "sinkhorn", "--sizes", "-5"], 2, r"--sizes -5 must be positive"),
     Case("bench-sinkhorn-zero", ["bench", "sinkhorn", "--sizes", "0"], 2, r"--sizes 0 must be positive"),
@@ -593,6 +602,13 @@ def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_exits_2(
     assert first.startswith("error: no space left") and "previous checkpoint" in first
     assert snapshot(run / "checkpoints") == before
     assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_cache_below_a_file_is_one_line(monkeypatch, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("SDFM_CACHE", str(tmp_path / "file" / "cache"))
+    assert run_cli(["train-classifier", "--data", "digits"]) == 2
+    assert "SDFM_CACHE=" in capsys.readouterr().err
 
 
 def test_help_into_a_closed_pipe_is_quiet():

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from sdfm.bench.common import start_machine, timed, write_json
+from sdfm.memory import require_memory
 from sdfm.ot.exact import choose_solver, exact_ot_assignment
 
 METHODS = ("sdfm lsa", "sdfm emd", "sdfm auto", "pot emd")
@@ -74,6 +75,7 @@ def run(args: ExactBench) -> list[dict]:
     for d in args.dims:
         previous_n = None
         for n in args.sizes:
+            require_memory(3 * 8.0 * n * n, f"--sizes {n}", "the cost matrix is n x n float64: bench smaller sizes")
             gen = torch.Generator().manual_seed(args.seed)
             x, y = torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen) + 1
             cost = 0.5 * torch.cdist(x.double(), y.double()).square()

@@ -70,6 +70,7 @@ from sdfm.bench.common import (
     write_json,
 )
 from sdfm.bench.peers import PlainIndex
+from sdfm.memory import require_memory
 from sdfm.semidiscrete import FitterOptions, MatchIndex, PotentialFitter
 from sdfm.semidiscrete.backends import TorchBlock
 
@@ -217,6 +218,7 @@ def _problems(args: MatchBench):
     if args.data == "gaussian":
         for n in args.N:
             for d in args.d:
+                require_memory(2 * 4.0 * n * (d + 1), f"--N {n} at d = {d}", "bench fewer points")
                 gen = torch.Generator().manual_seed(args.seed)
                 y, g = torch.randn(n, d, generator=gen), torch.randn(n, generator=gen)
                 queries = {b: torch.randn(b, d, generator=gen).to(device) for b in args.B}

@@ -16,6 +16,7 @@ from sdfm.data import files, synthetic
 from sdfm.data.points import Points
 from sdfm.data.synthetic import Source, sample_source
 from sdfm.errors import UserError
+from sdfm.memory import require_memory
 
 __all__ = ["Dataset", "DataStream", "Points", "Source", "load_dataset", "sample_source", "fingerprint"]
 
@@ -122,6 +123,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     files stay memory-mapped; nothing here converts the points to float32."""
     pack_fp = None
     if cfg.name in synthetic.SETS:
+        need = 4 * 4.0 * 2 * (cfg.num_points + cfg.num_eval)  # 2-D float32 points and the generator's temporaries
+        require_memory(need, f"data.num_points = {cfg.num_points}", "generate fewer points")
         gen = torch.Generator().manual_seed(cfg.seed)
         x = _dense(synthetic.SETS[cfg.name](cfg.num_points, gen))
         x_eval = _dense(synthetic.SETS[cfg.name](cfg.num_eval, gen))

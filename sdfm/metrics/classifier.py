@@ -246,6 +246,9 @@ def classifier_path(dataset_name: str, fingerprint: str) -> Path:
         if not re.fullmatch(r"[A-Za-z0-9._-]+", value):
             raise ValueError(f"{what} {value!r} must be non-empty and use only letters, digits, . _ -")
     root = Path(os.environ.get("SDFM_CACHE") or "~/.cache/sdfm").expanduser()
+    for parent in (root / "classifiers", *root.parents, root):
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"SDFM_CACHE={root}: {parent} is a file, but sdfm caches its classifiers there; set SDFM_CACHE to a folder")
     return root / "classifiers" / f"{dataset_name}-{fingerprint[:16]}.safetensors"
 
 
