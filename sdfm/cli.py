@@ -33,6 +33,7 @@ from sdfm.bench.sinkhorn import SinkhornBench
 from sdfm.bench.suite import SuiteBench
 from sdfm.config import Config
 from sdfm.errors import AgreedError, UserError
+from sdfm.signals import Interrupted
 
 ConfigFlags = Annotated[Config, tyro.conf.arg(name=""), tyro.conf.FlagConversionOff]
 """The whole config as --section.field flags (booleans as True/False, lists as space-separated values)."""
@@ -92,6 +93,8 @@ class FitPotentialCommand:
     """Where to save the potential (a .safetensors file)."""
     config: Path | None = None
     """TOML preset (default: the built-in defaults)."""
+    resume: bool = False
+    """Continue a fit that SIGTERM stopped (its state was saved beside --out)."""
     cfg: ConfigFlags = field(default_factory=Config)
 
     def run(self) -> None:
@@ -100,7 +103,7 @@ class FitPotentialCommand:
         from sdfm.distributed.env import DistEnv, potential_device
         from sdfm.monitor import info
         from sdfm.semidiscrete import fit_and_save
-        from sdfm.semidiscrete.fit import describe_chi2
+        from sdfm.semidiscrete.fit import FitInterrupted, describe_chi2
 
         if self.out.suffix != ".safetensors":
             raise UserError(f"--out {self.out} must end in .safetensors: where to save the potential")
@@ -112,7 +115,17 @@ class FitPotentialCommand:
             f"fitting the potential of {data.name}: N={len(data)}, d={data.x[0].numel()}, eps={p.epsilon}, {p.method}"
         )
         device = potential_device(DistEnv(), cfg)
-        res = fit_and_save(cfg, data, self.out, device=device, log=info)
+        state = self.out.with_name(self.out.stem + ".fit-state.safetensors")  # where SIGTERM saves the fit
+        if state.exists() and not self.resume:
+            raise UserError(
+                f"{state} holds a fit that SIGTERM stopped; pass --resume to continue it, or delete the file to start over"
+            )
+        if self.resume and not state.exists():
+            raise UserError(f"--resume: no saved fit at {state}; run without --resume to start one")
+        try:
+            res = fit_and_save(cfg, data, self.out, device=device, log=info, state_path=state)
+        except FitInterrupted as e:
+            raise Interrupted(f"{e}; the same command with --resume continues it") from None
         info(
             f"saved {self.out}: {res.steps} steps, {res.seconds:.1f} s, "
             f"{describe_chi2(res.chi2, res.chi2_se, cfg.potential.target_chi2)}"
@@ -406,6 +419,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Interrupted as e:  # SIGTERM stopped a loop at a step boundary; the message says what was saved
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(143)
     except BrokenPipeError:  # `sdfm train --help | head -1`: the reader left; that is not an error
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout at exit: into nothing now

@@ -151,7 +151,7 @@ class FittedPotential(PotentialSource):
                 state_path=folder / "fit_state.safetensors" if ctx.world == 1 else None,
             )  # fmt: skip
         except FitInterrupted as e:
-            info(str(e))
+            info(f"{e}; `sdfm train --resume` continues the fit")
             raise SystemExit(0) from None
         coupling.set_potential(res.g, 1, res.chi2)
         info(f"potential: {res.steps} steps in {res.seconds:.1f} s, chi2 {res.chi2:.4g}")

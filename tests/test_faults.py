@@ -787,6 +787,43 @@ def test_sigterm_during_the_potential_fit_saves_it_and_resume_continues_it(tmp_p
     assert (run / "checkpoints" / "step-00000010").is_dir()
 
 
+@pytest.mark.slow
+def test_sigterm_during_a_standalone_fit_saves_it_and_resume_continues_it(tmp_path):
+    out_file = tmp_path / "g.safetensors"
+    argv = [sys.executable, "-m", "sdfm", "fit-potential", "--out", str(out_file), *TINY[:6],
+            "--potential.target-chi2", "1e-9", "--potential.max-steps", "1000000"]  # fmt: skip
+    proc = subprocess.Popen([*argv, "--potential.max-seconds", "600"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    for line in proc.stdout:  # wait until the fit runs
+        if "fitting the potential" in line:
+            break
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    state = tmp_path / "g.fit-state.safetensors"
+    assert proc.returncode == 143 and "saved its state at step" in out and "--resume continues it" in out, out
+    assert state.is_file() and not out_file.exists() and "Traceback" not in out
+    again = subprocess.run([*argv, "--potential.max-seconds", "1"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "pass --resume to continue it" in again.stderr
+    again = subprocess.run([*argv, "--potential.max-seconds", "1", "--resume"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert out_file.is_file() and not state.exists()
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_learned_schedule_fit_is_one_line_and_leaves_no_run(tmp_path):
+    run = tmp_path / "run"
+    proc = _train_proc(run, 10, "--method.path", "learned", "--method.schedule-steps", "1000000")
+    for line in proc.stdout:
+        if "fitting the schedule" in line:
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143 and "stopped: SIGTERM during the learned schedule's fit" in out, out
+    assert "Traceback" not in out and not run.exists()
+
+
 def test_a_worker_of_its_own_job_stops_once_the_trainer_it_saw_goes_silent(tmp_path):
     from sdfm.rundir import HEARTBEAT_FILE, write_heartbeat
     from sdfm.worker import _Liveness

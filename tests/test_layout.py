@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [
-    ("sdfm.errors", "sdfm.config", "sdfm.monitor", "sdfm.plots", "sdfm.solvers", "sdfm.amp", "sdfm.pot", "sdfm.memory"),
+    ("sdfm.errors", "sdfm.config", "sdfm.monitor", "sdfm.plots", "sdfm.solvers", "sdfm.amp", "sdfm.pot", "sdfm.memory", "sdfm.signals"),
     ("sdfm.kernels", "sdfm.data", "sdfm.models", "sdfm.metrics", "sdfm.checkpoint", "sdfm.rundir"),
     ("sdfm.ot",),
     ("sdfm.couplings", "sdfm.semidiscrete"),

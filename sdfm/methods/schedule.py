@@ -35,6 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp
 
+from sdfm.signals import Interrupted, TermFlag
+
 __all__ = ["MonotoneSchedule", "ScheduleFit", "fit_schedule", "optimal_field", "straightness"]
 
 T_MAX = 0.9
@@ -178,6 +180,7 @@ def fit_schedule(
     schedule (one generator: the fit is a function of ``seed``). The objective is reported before
     (the linear path) and after on the same 4 batches of (t, x0, y1) draws.
     """
+    stop = TermFlag()  # SIGTERM ends the fit at a step boundary with one line (``Interrupted``)
     y = y.flatten(1).float()
     schedule = MonotoneSchedule(degree, y.shape[1] if per_dim else 1)
     index = None
@@ -200,6 +203,12 @@ def fit_schedule(
     optimizer = torch.optim.Adam(schedule.parameters(), lr=lr)
     start = time.perf_counter()
     for step in range(steps):
+        if stop.requested:
+            stop.restore()
+            raise Interrupted(
+                f"SIGTERM during the learned schedule's fit (step {step} of {steps}): it runs before the first step, "
+                "so nothing of the run changed; start it again to fit the schedule"
+            )
         t, x0, y1 = _draws(y, batch, gen)
         loss = straightness(schedule, t, path_points(schedule, t, x0, y1), y, topk, index)
         optimizer.zero_grad(set_to_none=True)
@@ -207,5 +216,6 @@ def fit_schedule(
         optimizer.step()
         if log is not None and (step + 1) % max(1, steps // 5) == 0:
             log(f"schedule: step {step + 1}/{steps}, straightness {loss.item():.4g}")
+    stop.restore()
     after = score()
     return ScheduleFit(schedule, before, after, steps, time.perf_counter() - start)

@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 import math
-import signal
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +28,7 @@ from sdfm.ot.collectives import LOCAL, Collectives
 from sdfm.semidiscrete.fitter import HIGH_DIM, FitterOptions, PotentialFitter
 from sdfm.semidiscrete.potential_file import save_potential
 from sdfm.semidiscrete.problem import SampleSource, SemidiscreteProblem
+from sdfm.signals import Interrupted, TermFlag
 
 __all__ = [
     "Chi2Evaluator",
@@ -221,7 +220,7 @@ def fit_potential(
             f"potential: method auto -> {fitter.method} (a {fitter.index.match_dim}-dimensional matching "
             f"space; averaged_sgd from {HIGH_DIM}), lr0 {fitter.lr:.3g}, start {fitter.init}"
         )
-    stop = _TermFlag() if state_path is not None else None
+    stop = TermFlag() if state_path is not None else None
     window = b.window or _default_window(fitter.n, fitter.batch_size, b.target_chi2)
     eval_samples = b.eval_samples
     if eval_samples is None:
@@ -248,8 +247,7 @@ def fit_potential(
             state = {"fitter": fitter.state_dict(), "seconds": time.perf_counter() - start}
             write_atomic(Path(state_path), state_to_bytes(state))
             raise FitInterrupted(
-                f"SIGTERM during the potential fit: saved its state at step {fitter.t} to {state_path}; "
-                "`sdfm train --resume` continues the fit"
+                f"SIGTERM during the potential fit: saved its state at step {fitter.t} to {state_path}"
             )
         info = fitter.step()
         recent.append(info["chi2"])
@@ -312,25 +310,8 @@ def describe_chi2(chi2: float, se: float, target: float) -> str:
     return f"chi2 {chi2:.4f} ± {se:.4f} (95% upper bound {bound:.4f}; {verdict}: target {target})"
 
 
-class FitInterrupted(Exception):
-    """A fit stopped by SIGTERM after saving its state (the message says where)."""
-
-
-class _TermFlag:
-    """SIGTERM as a flag checked between fit steps (main thread only; elsewhere a no-op)."""
-
-    def __init__(self):
-        self.requested, self.previous = False, None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-            self.previous = None
+class FitInterrupted(Interrupted):
+    """A potential fit stopped by SIGTERM after saving its state (the message says where)."""
 
 
 @dataclass
