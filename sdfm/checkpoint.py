@@ -87,8 +87,18 @@ def safetensors_metadata(blob: bytes) -> dict[str, str]:
 
 def state_to_bytes(obj: Any) -> bytes:
     """A state dict (nested dicts, lists, tuples, numbers, strings, None and tensors: what optimizers,
-    LR schedulers and gradient scalers return) as safetensors bytes, without pickle."""
+    LR schedulers and gradient scalers return) as safetensors bytes, without pickle.
+
+    Dicts are walked in sorted key order (string keys, or integer keys such as an optimizer's parameter
+    ids), so equal states give equal bytes whatever order their dicts were filled in: a resumed
+    optimizer's per-parameter dicts hold the same entries as an uninterrupted one's in another order."""
     tensors: dict[str, torch.Tensor] = {}
+
+    def ordered(d: dict) -> list:
+        keys = list(d)
+        if all(isinstance(k, str) for k in keys) or all(isinstance(k, int) and not isinstance(k, bool) for k in keys):
+            keys.sort()
+        return [(k, d[k]) for k in keys]
 
     def walk(x):
         if isinstance(x, torch.Tensor):
@@ -96,8 +106,8 @@ def state_to_bytes(obj: Any) -> bytes:
             return {"__tensor__": key}
         if isinstance(x, dict):
             if all(isinstance(k, str) for k in x):
-                return {"__dict__": {k: walk(v) for k, v in x.items()}}
-            return {"__items__": [[walk(k), walk(v)] for k, v in x.items()]}
+                return {"__dict__": {k: walk(v) for k, v in ordered(x)}}
+            return {"__items__": [[walk(k), walk(v)] for k, v in ordered(x)]}
         if isinstance(x, tuple):
             return {"__tuple__": [walk(v) for v in x]}
         if isinstance(x, list):

@@ -263,6 +263,8 @@ class RunFolder:
             )
 
     def begin(self) -> None:
+        if self.run_dir.is_symlink():  # work on the folder the link names: the link itself stays
+            self.run_dir = self.run_dir.resolve()
         self._recover_replaced()
         check_run_dir(self.run_dir, resume=self.resume, overwrite=self.overwrite)
         fix = "stop that trainer first, or choose another --run-dir"

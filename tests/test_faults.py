@@ -652,6 +652,24 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     assert run_cli(["train", "--run-dir", run, "--resume", "--train.steps", str(int(saved.group(2)) + 2)]) == 0
 
 
+def test_a_resumed_run_writes_the_bytes_of_an_uninterrupted_one(tmp_path):
+    """Every file of the final checkpoint, byte for byte (so byte hashes can check reproducibility)."""
+    assert run_cli(["train", "--run-dir", tmp_path / "a", *TINY, "--train.steps", "20"]) == 0
+    assert run_cli(["train", "--run-dir", tmp_path / "b", *TINY, "--train.steps", "10"]) == 0
+    assert run_cli(["train", "--run-dir", tmp_path / "b", "--resume", "--train.steps", "20"]) == 0
+    a, b = (snapshot(tmp_path / r / "checkpoints" / "step-00000020") for r in "ab")
+    assert a == b and "optimizer.safetensors" in a
+
+
+def test_overwrite_through_a_symlink_replaces_the_run_it_names_and_keeps_the_link(base_run, tmp_path):
+    shutil.copytree(base_run, tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert run_cli(["train", "--run-dir", tmp_path / "link", "--overwrite", *TINY, "--train.steps", "4"]) == 0
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "link").resolve() == (tmp_path / "real").resolve()
+    assert sorted(p.name for p in (tmp_path / "real" / "checkpoints").glob("step-*")) == ["step-00000004"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # nothing stale left beside them
+
+
 def test_checkpoint_bytes_are_deterministic(tmp_path):
     """The same state saved twice, by two processes, gives byte-identical files."""
     code = (
