@@ -110,9 +110,10 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
             break
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir} is a file; choose a folder")
-    if resume and not run_dir.exists():
-        raise UserError(
-            f"--resume: {run_dir} does not exist; check the --run-dir path, or drop --resume to start a new run"
+    if resume and not run_dir.exists():  # the start-or-continue form of launchers: say it, loudly
+        info(
+            f"warning: --resume: {run_dir} does not exist; starting a new run there (check --run-dir if you "
+            "meant to continue an existing run)"
         )
     for name, want in (("checkpoints", "a folder"), (".lock", "a file"), ("config.toml", "a file")):
         found = run_dir / name

@@ -11,15 +11,36 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Run a test module with one torch and one FAISS thread. Its problems are tiny: with 2 threads a
-    busy neighbour process turns OpenMP's spin-waits into most of the time (measured: the
-    semidiscrete suites take 5 s alone, 100 s beside one busy process)."""
-    import faiss
+    """Run a test module with one torch thread (and one FAISS thread when FAISS, an optional extra, is
+    installed). Its problems are tiny: with 2 threads a busy neighbour process turns OpenMP's
+    spin-waits into most of the time (measured: the semidiscrete suites take 5 s alone, 100 s beside
+    one busy process)."""
     import torch
 
-    before, before_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    before = torch.get_num_threads()
+    before_faiss = faiss.omp_get_max_threads() if faiss else 0
     torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
+    if faiss:
+        faiss.omp_set_num_threads(1)
     yield
     torch.set_num_threads(before)
-    faiss.omp_set_num_threads(before_faiss)
+    if faiss:
+        faiss.omp_set_num_threads(before_faiss)
+
+
+def train_run(cfg, run_dir, resume=False, until=None):
+    """Train ``cfg`` in ``run_dir`` with a ``Trainer`` in this process (a fresh folder, or ``resume`` its
+    newest checkpoint, which must exist), up to ``train.steps`` or step ``until``; returns the trainer."""
+    from sdfm.rundir import prepare_run_dir
+    from sdfm.trainer import Trainer
+
+    prepare_run_dir(run_dir, cfg, resume=resume, overwrite=False)
+    trainer = Trainer(cfg, run_dir)
+    if resume:
+        assert trainer.resume()
+    trainer.train(until=until)
+    return trainer

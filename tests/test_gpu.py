@@ -9,10 +9,8 @@ import os
 
 import pytest
 import torch
+from conftest import train_run
 from test_train import tiny_config  # tests/ is on sys.path (pytest prepend mode)
-
-from sdfm.rundir import prepare_run_dir
-from sdfm.trainer import Trainer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -31,13 +29,6 @@ def test_triton_kernels_ran_compiled_on_the_gpu():
     assert torch.equal(found.index.cpu(), reference_argmax(x, y, g))
 
 
-def _train(cfg, run_dir, resume=False, until=None) -> Trainer:
-    prepare_run_dir(run_dir, cfg, resume=resume, overwrite=False)
-    trainer = Trainer(cfg, run_dir)
-    if resume:
-        assert trainer.resume()
-    trainer.train(until=until)
-    return trainer
 
 
 def test_bf16_is_the_cuda_default_and_resume_is_exact(tmp_path):
@@ -46,11 +37,11 @@ def test_bf16_is_the_cuda_default_and_resume_is_exact(tmp_path):
         c.train.device, c.train.precision = "cuda", "auto"
         return c
 
-    full = _train(cfg(), tmp_path / "a")
+    full = train_run(cfg(), tmp_path / "a")
     assert full.precision == "bf16" and next(full.model.parameters()).is_cuda
     assert all(p.dtype == torch.float32 for p in full.model.parameters())  # master weights stay fp32
-    _train(cfg(), tmp_path / "b", until=20)
-    resumed = _train(cfg(), tmp_path / "b", resume=True)
+    train_run(cfg(), tmp_path / "b", until=20)
+    resumed = train_run(cfg(), tmp_path / "b", resume=True)
     for name, p in full.model.state_dict().items():
         assert torch.equal(p, resumed.model.state_dict()[name]), name
 

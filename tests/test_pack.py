@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import train_run
 from safetensors import safe_open
 
 from sdfm.config import Config, DataConfig
@@ -19,8 +20,6 @@ from sdfm.data import load_dataset
 from sdfm.data.pack import PackWriter, open_pack, sample_positions, verify_pack
 from sdfm.data.packer import pack_source
 from sdfm.errors import UserError
-from sdfm.rundir import prepare_run_dir
-from sdfm.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -306,13 +305,6 @@ def _cfg(path: Path, steps: int) -> Config:
     return cfg
 
 
-def _train(cfg, run_dir, resume=False, until=None):
-    prepare_run_dir(run_dir, cfg, resume=resume, overwrite=False)
-    t = Trainer(cfg, run_dir)
-    if resume:
-        assert t.resume()
-    t.train(until=until)
-    return t
 
 
 @pytest.mark.slow
@@ -322,14 +314,14 @@ def test_training_on_a_pack_resumes_exactly_and_refuses_a_changed_pack(tmp_path)
     np.savez(tmp_path / "a.npz", x=x, labels=labels)
     out = tmp_path / "a.safetensors"
     pack_source(str(tmp_path / "a.npz"), out, progress=False, log=_quiet)
-    full = _train(_cfg(out, 4), tmp_path / "full")
-    _train(_cfg(out, 4), tmp_path / "half", until=2)
-    resumed = _train(_cfg(out, 4), tmp_path / "half", resume=True)
+    full = train_run(_cfg(out, 4), tmp_path / "full")
+    train_run(_cfg(out, 4), tmp_path / "half", until=2)
+    resumed = train_run(_cfg(out, 4), tmp_path / "half", resume=True)
     for name, p in full.model.state_dict().items():
         assert torch.equal(p, resumed.model.state_dict()[name]), name
     # The same points from the .npz in memory train the same weights: a pack changes nothing but memory.
     cfg = _cfg(tmp_path / "a.npz", 4)
-    from_npz = _train(cfg, tmp_path / "npz")
+    from_npz = train_run(cfg, tmp_path / "npz")
     for name, p in full.model.state_dict().items():
         assert torch.equal(p, from_npz.model.state_dict()[name]), name
     # A pack replaced under the run (other content, same path) is refused at resume, in one line.
@@ -337,7 +329,7 @@ def test_training_on_a_pack_resumes_exactly_and_refuses_a_changed_pack(tmp_path)
     np.savez(tmp_path / "b.npz", x=x, labels=labels)
     pack_source(str(tmp_path / "b.npz"), out, overwrite=True, progress=False, log=_quiet)
     with pytest.raises(UserError, match="fingerprint"):
-        _train(_cfg(out, 6), tmp_path / "full", resume=True)
+        train_run(_cfg(out, 6), tmp_path / "full", resume=True)
 
 
 def test_index_over_stored_points_holds_no_float_copy_and_matches_the_dense_index():

@@ -7,23 +7,15 @@ import json
 
 import pytest
 import torch
+from conftest import train_run
 from test_train import tiny_config  # tests/ is on sys.path (pytest prepend mode)
 
 from sdfm import amp
 from sdfm.errors import UserError
-from sdfm.rundir import prepare_run_dir
-from sdfm.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _train(cfg, run_dir, resume=False, until=None) -> Trainer:
-    prepare_run_dir(run_dir, cfg, resume=resume, overwrite=False)
-    trainer = Trainer(cfg, run_dir)
-    if resume:
-        assert trainer.resume()
-    trainer.train(until=until)
-    return trainer
 
 
 def test_auto_is_fp32_on_the_cpu_and_bad_names_are_refused():
@@ -44,7 +36,7 @@ def test_bf16_without_gpu_support_names_the_fix(monkeypatch):
 def test_bf16_autocast_runs_the_model_in_bf16_and_keeps_master_state_fp32(tmp_path):
     cfg = tiny_config(steps=10)
     cfg.train.precision = "bf16"
-    trainer = _train(cfg, tmp_path)
+    trainer = train_run(cfg, tmp_path)
     seen = []
     hook = trainer.model.layers[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     trainer.train_step()
@@ -63,7 +55,7 @@ def test_low_precision_training_differs_from_fp32_but_still_learns(tmp_path):
         cfg = tiny_config(steps=200)
         cfg.data.name = "moons"
         cfg.train.precision = precision
-        runs[precision] = _train(cfg, tmp_path / precision)
+        runs[precision] = train_run(cfg, tmp_path / precision)
     a, b = (dict(runs[p].model.named_parameters()) for p in ("fp32", "bf16"))
     assert any(not torch.equal(a[k], b[k]) for k in a)  # bf16 really changed the arithmetic
     losses = {}
@@ -80,9 +72,9 @@ def test_resume_is_exact_in_low_precision(tmp_path, precision):
         c.train.precision = precision
         return c
 
-    full = _train(cfg(), tmp_path / "a")
-    _train(cfg(), tmp_path / "b", until=20)
-    resumed = _train(cfg(), tmp_path / "b", resume=True)
+    full = train_run(cfg(), tmp_path / "a")
+    train_run(cfg(), tmp_path / "b", until=20)
+    resumed = train_run(cfg(), tmp_path / "b", resume=True)
     for name, p in full.model.state_dict().items():
         assert torch.equal(p, resumed.model.state_dict()[name]), name
     for name, p in full.ema.state_dict().items():
@@ -99,7 +91,7 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path):
     for compile_ in (False, True):
         cfg = tiny_config(steps=5)
         cfg.train.compile = compile_
-        runs[compile_] = _train(cfg, tmp_path / str(compile_))
+        runs[compile_] = train_run(cfg, tmp_path / str(compile_))
     eager, compiled = (dict(runs[c].model.named_parameters()) for c in (False, True))
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5)

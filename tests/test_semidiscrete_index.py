@@ -151,13 +151,21 @@ def test_sampling_as_epsilon_goes_to_zero_is_argmax(backend):
     assert torch.equal(index.sample(x, 0.0, gen, query_labels=query_labels), expected)
 
 
-def test_sampling_is_reproducible_with_the_generator():
+def test_sampling_is_gumbel_max_over_the_top_k_with_the_generators_uniforms():
+    """The documented draw, by hand: Gumbel noise from the generator's uniforms (B, k) added to the top-k
+    scores / epsilon, argmax. Another generator state gives other draws."""
     y, g, x, _, _ = _problem()
     index = MatchIndex(y)
     index.set_potential(g)
-    a = index.sample(x, 2.0, torch.Generator().manual_seed(4))
-    b = index.sample(x, 2.0, torch.Generator().manual_seed(4))
-    assert torch.equal(a, b)
+    eps, k = 2.0, 8
+    got = index.sample(x, eps, torch.Generator().manual_seed(4), k=k)
+    scores = x.double() @ y.double().T + g.double()
+    top_scores, top_ids = scores.topk(k, dim=1)
+    u = torch.rand((x.shape[0], k), generator=torch.Generator().manual_seed(4)).double()
+    gumbel = -torch.log(-torch.log(u.clamp(1e-12, 1 - 1e-7)))
+    want = top_ids.gather(1, (top_scores / eps + gumbel).argmax(1, keepdim=True)).squeeze(1)
+    assert torch.equal(got, want)
+    assert not torch.equal(index.sample(x, eps, torch.Generator().manual_seed(5), k=k), got)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
