@@ -10,7 +10,7 @@ export KEOPS_CACHE_FOLDER="${KEOPS_CACHE_FOLDER:-$root/.cache/keops}"
 export SDFM_CACHE="${SDFM_CACHE:-$root/.cache/sdfm}"
 export MPLBACKEND=Agg
 set +e
-python -m pytest -q -ra "$@"
+python -m pytest -q -ra --durations=15 "$@"
 rc=$?
 set -e
 # pytest exits 5 when it collected no test: that is a failure here, never a silent pass.

@@ -248,10 +248,15 @@ def _read_only(folder: Path) -> None:
     _mount(folder, "ro,size=64k")
 
 
+def _semidiscrete(run: Path) -> None:
+    """The run's config, with the semidiscrete coupling (a run a worker can work for)."""
+    text = (run / "config.toml").read_text().replace('kind = "exact"', 'kind = "semidiscrete"')
+    (run / "config.toml").write_text(text)
+
+
 def _read_only_semidiscrete_run(run: Path, sd: Path) -> None:
     shutil.copytree(run, sd)
-    text = (sd / "config.toml").read_text().replace('kind = "exact"', 'kind = "semidiscrete"')
-    (sd / "config.toml").write_text(text)
+    _semidiscrete(sd)
     _read_only(sd / "potential")
 
 
@@ -387,7 +392,8 @@ CASES = [
     Case("sample-no-run", ["sample", "--run-dir", "{tmp}/none", "--out", "{tmp}/s.npy"], 2, r"none"),
     Case("worker-negative-steps", ["worker", "--run-dir", "{run}", "--max-steps", "-3"], 2, r"--max-steps must be >= 0"),
     Case("worker-negative-timeout", ["worker", "--run-dir", "{run}", "--trainer-timeout-s", "-1"], 2, r"--trainer-timeout-s"),
-    Case("worker-garbage-dataset", ["worker", "--run-dir", "{run}", "--max-steps", "1"], 2, r"not a dataset record", garbage_dataset),
+    Case("worker-garbage-dataset", ["worker", "--run-dir", "{run}", "--max-steps", "1"], 2, r"not a dataset record",
+         lambda run, tmp: (garbage_dataset(run, tmp), _semidiscrete(run))),
     Case("worker-no-config", ["worker", "--run-dir", "{tmp}"], 2, r"no config at"),
     Case("fit-out-below-file", ["fit-potential", "--out", "{tmp}/file/g.safetensors", *TINY[:6]], 2, r"which is a file", a_file),
     Case("fit-out-suffix", ["fit-potential", "--out", "{tmp}/g.txt", *TINY[:6]], 2, r"must end in \.safetensors"),
