@@ -166,8 +166,14 @@ class RunLock:
                 f"{self.path.parent} is in use by another {self.what} ({holder}); {self.fix}"
             ) from None
         previous = _read_holder(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder_info()).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder_info()).encode(), 0)
+        except OSError as e:  # a full disk: the holder record cannot be written (the lock itself holds)
+            os.close(fd)
+            raise UserError(
+                f"{self.path} cannot be written ({e.strerror}); free space on that disk, or choose another folder"
+            ) from None
         self.fd, self.previous = fd, previous
         return self
 

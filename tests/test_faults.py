@@ -587,6 +587,23 @@ def test_a_replacement_killed_before_its_first_checkpoint_gives_the_replaced_run
     assert not list(tmp_path.glob(".run.replaced-*"))
 
 
+def test_overwrite_on_a_full_disk_is_one_line_and_keeps_the_old_run(base_run, tmp_path, monkeypatch, capsys):
+    import sdfm.rundir as rundir_mod
+
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    before = snapshot(run)
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir_mod.os, "pwrite", full)
+    assert run_cli(["train", "--run-dir", run, "--overwrite", *TINY, "--train.steps", "4"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and ".lock cannot be written (No space left on device)" in last
+    assert snapshot(run) == before and not list(tmp_path.glob(".run.replaced-*"))
+
+
 def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_exits_2(
     base_run, tmp_path, monkeypatch, capsys
 ):
