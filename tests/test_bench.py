@@ -145,6 +145,7 @@ def test_low_precision_matching_on_real_data_is_rescored_to_the_float64_answer(o
     assert 0.0 < rows["bf16-raw"]["f64_agree"] <= 1.0
 
 
+@pytest.mark.slow
 def test_potential_bench_runs_a_two_rank_fit(tmp_path):
     path = tmp_path / "potential.json"
     bench = PotentialBench(
@@ -178,6 +179,7 @@ def test_potential_bench_snapshots_a_2d_set_at_the_asked_times(tmp_path):
     assert share["k"] == 8 and 0 <= share["cluster_chi2"] <= share["plug_in_chi2"] + 1e-6
 
 
+@pytest.mark.slow
 def test_quality_bench_runs_every_method_cell_and_refuses_a_negative_fine_tune(tmp_path, capsys):
     """The cells of ``--methods``, ``--finetune-steps`` (OAT beside its control) at a toy size."""
     import json

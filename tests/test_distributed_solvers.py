@@ -154,6 +154,7 @@ def cat(outs: list[dict], key: str, item: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("cost", ["sqeuclidean", "dot"])
+@pytest.mark.slow
 def test_sharded_sinkhorn_equals_single_process(ranks, cost):
     world, outs = ranks
     x, y = points(sum(ROWS[world]), 50, 3, seed=world)

@@ -436,6 +436,7 @@ def test_case_names_are_unique():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.slow
 def test_fault(case: Case, base_run: Path, tmp_path: Path, capsys):
     try:
         _run_case(case, base_run, tmp_path, capsys)
@@ -693,6 +694,7 @@ def test_overwrite_through_a_symlink_replaces_the_run_it_names_and_keeps_the_lin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # nothing stale left beside them
 
 
+@pytest.mark.slow
 def test_checkpoint_bytes_are_deterministic(tmp_path):
     """The same state saved twice, by two processes, gives byte-identical files."""
     code = (

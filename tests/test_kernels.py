@@ -287,6 +287,7 @@ for name, dtype, gumbel in [
 """
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_h100(tmp_path):
     """Lower the kernels, with the launch configurations of ``tiles``, to sm_90 cubins without a GPU:
     what the interpreter cannot check (types, tl.dot shapes, shared memory) is checked here. In a

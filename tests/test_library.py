@@ -31,6 +31,7 @@ def _python_blocks(path: Path) -> list[str]:
     "doc, block",
     [(doc, i) for doc in ("README.md", "docs/library.md") for i in range(len(_python_blocks(ROOT / doc)))],
 )
+@pytest.mark.slow
 def test_documented_examples_run(doc, block):
     code = _python_blocks(ROOT / doc)[block]
     torch.manual_seed(0)

@@ -108,6 +108,7 @@ def test_meanflow_times_follow_the_ratio_and_order():
     assert bool((s1 < t1).all())
 
 
+@pytest.mark.slow
 def test_a_trained_mean_flow_one_step_map_is_the_closed_form():
     """A small mean-flow MLP trained on N(0, 1) -> N(2, 0.25) with independent pairs maps noise in
     ONE step onto the closed-form transport x -> MU + SIGMA x."""
@@ -388,12 +389,14 @@ TINY = [
         "learned-too-large",
     ],
 )
+@pytest.mark.slow
 def test_bad_method_settings_exit_2_in_one_line_and_touch_nothing(tmp_path, args, needles):
     r = sdfm("train", "--run-dir", tmp_path / "run", *TINY, *args)
     _one_line_error(r, *needles)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_init_from_a_run_of_other_data_or_model_is_refused(tmp_path, phase1):
     oat = [
         "--method.kind",
@@ -435,6 +438,7 @@ def test_source_file_of_another_point_shape_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_meanflow_and_velocity_runs_refuse_each_others_samplers(tmp_path):
     mf, fm = tmp_path / "mf", tmp_path / "fm"
     assert (

@@ -95,6 +95,7 @@ def test_pack_is_mapped_not_copied(tmp_path):
     assert d.x.stored_dtype == torch.uint8
 
 
+@pytest.mark.slow
 def test_two_processes_read_one_pack(tmp_path):
     out, x, _ = _pack_npz(tmp_path, n=64)
     code = (
@@ -274,6 +275,7 @@ def test_verify_finds_damage_the_sample_check_does_not_see(tmp_path):
         verify_pack(out)
 
 
+@pytest.mark.slow
 def test_data_commands(tmp_path):
     x, labels = _images(30)
     np.savez(tmp_path / "a.npz", x=x, labels=labels)

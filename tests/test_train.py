@@ -178,6 +178,7 @@ def test_python_m_sdfm_train_help():
         ("data", ["pack", "info", "verify"]),
     ],
 )
+@pytest.mark.slow
 def test_subcommand_help_lists_its_own_options(cmd, flags):
     """Each command's help is its own (generated from its dataclass): it names that command's flags or
     subcommands, which a help that printed another command's usage would not."""
@@ -230,6 +231,7 @@ def _assert_clean_error(r, *needles):
         ),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_exits_2(tmp_path, args, needles):
     r = sdfm("train", "--run-dir", tmp_path / "run", *args)
     _assert_clean_error(r, *needles)
@@ -247,6 +249,7 @@ def test_bad_input_exits_2(tmp_path, args, needles):
         ("shape", "shape"),
     ],
 )
+@pytest.mark.slow
 def test_bad_data_files_exit_2(tmp_path, content, needle):
     import numpy as np
 
@@ -271,6 +274,7 @@ def test_unknown_key_in_config_file_exits_2(tmp_path):
     _assert_clean_error(sdfm("train", "--config", p, "--run-dir", tmp_path / "r"), "train.bogus")
 
 
+@pytest.mark.slow
 def test_corrupted_checkpoint_falls_back_then_fails(tmp_path):
     run = tmp_path / "run"
     r = sdfm(
@@ -299,6 +303,7 @@ def test_corrupted_checkpoint_falls_back_then_fails(tmp_path):
     _assert_clean_error(r, "no complete checkpoint")
 
 
+@pytest.mark.slow
 def test_run_dir_rules(tmp_path):
     (tmp_path / "stuff").mkdir()
     (tmp_path / "stuff" / "notes.txt").write_text("mine")

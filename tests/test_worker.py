@@ -57,6 +57,7 @@ def wait_until(cond, timeout=120.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_trainer_follows_worker_survives_kill_rejects_bad_snapshots_and_worker_resumes(tmp_path):
     cfg = sd_config()
     prepare_run_dir(tmp_path, cfg, resume=False, overwrite=False)
@@ -127,6 +128,7 @@ def test_trainer_follows_worker_survives_kill_rejects_bad_snapshots_and_worker_r
     assert "resumed from" in out, out
 
 
+@pytest.mark.slow
 def test_worker_stops_cleanly_on_sigterm_and_refuses_other_data(tmp_path):
     cfg = sd_config()
     prepare_run_dir(tmp_path, cfg, resume=False, overwrite=False)
@@ -219,6 +221,7 @@ def _sdfm(*args):
     )
 
 
+@pytest.mark.slow
 def test_bad_potential_inputs_exit_2(tmp_path):
     cfg = sd_config(source="fit")
     from sdfm.data import load_dataset
@@ -258,6 +261,7 @@ def test_bad_potential_inputs_exit_2(tmp_path):
         assert not (tmp_path / name / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_fit_potential_command(tmp_path):
     out = tmp_path / "g.safetensors"
     r = _sdfm(
