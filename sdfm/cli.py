@@ -108,6 +108,7 @@ class FitPotentialCommand:
         if self.out.suffix != ".safetensors":
             raise UserError(f"--out {self.out} must end in .safetensors: where to save the potential")
         check_writable(self.out, "--out")  # before the fit, not after it
+        self.cfg.train.eval_at_end = False  # a fit evaluates no model: data.num_eval = 0 is fine here
         cfg = config_mod.validate(self.cfg)
         data = load_dataset(cfg.data)
         p = cfg.potential

@@ -148,8 +148,8 @@ class PotentialConfig:
     target_chi2: float = 0.05
     """Stop fitting (source='fit') once a held-out evaluation confirms the chi^2 marginal error is
     below this (its one-sided 95% upper bound)."""
-    max_steps: int = 5000
-    """Fitting step budget (source='fit')."""
+    max_steps: int = 0
+    """Fitting step budget (source='fit'; 0: none when potential.max_seconds is set, else 5,000)."""
     max_seconds: float = 0.0
     """Fitting time budget in seconds (0: none)."""
     pca_dim: int = 0
@@ -360,7 +360,7 @@ def validate(cfg: Config) -> Config:
     need(p.batch_size >= 2, "potential.batch_size", p.batch_size, ">= 2")
     need(p.lr >= 0, "potential.lr", p.lr, ">= 0 (0 = the method's default)")
     need(p.target_chi2 > 0, "potential.target_chi2", p.target_chi2, "> 0")
-    need(p.max_steps >= 1, "potential.max_steps", p.max_steps, ">= 1")
+    need(p.max_steps >= 0, "potential.max_steps", p.max_steps, ">= 0 (0: none with potential.max_seconds, else 5,000)")
     need(p.max_seconds >= 0, "potential.max_seconds", p.max_seconds, ">= 0")
     need(p.pca_dim >= 0, "potential.pca_dim", p.pca_dim, ">= 0")
     need(p.topk >= 1, "potential.topk", p.topk, ">= 1")

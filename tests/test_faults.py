@@ -396,6 +396,8 @@ CASES = [
          lambda run, tmp: (garbage_dataset(run, tmp), _semidiscrete(run))),
     Case("worker-no-config", ["worker", "--run-dir", "{tmp}"], 2, r"no config at"),
     Case("fit-out-below-file", ["fit-potential", "--out", "{tmp}/file/g.safetensors", *TINY[:6]], 2, r"which is a file", a_file),
+    Case("fit-without-held-out", ["fit-potential", "--out", "{tmp}/g.safetensors", *TINY[:6], "--data.num-eval", "0",
+         "--potential.max-steps", "5"], 0, r"saved .*g\.safetensors"),
     Case("fit-out-suffix", ["fit-potential", "--out", "{tmp}/g.txt", *TINY[:6]], 2, r"must end in \.safetensors"),
     Case("sample-disk-full", ["sample", "--run-dir", "{run}", "--out", "{tmp}/full/s.npy"], 2, r"disk is full|no space left",
          lambda run, tmp: _full_disk(tmp / "full"), check=absent("full/s.npy")),

@@ -450,3 +450,23 @@ def test_the_stop_rule_needs_a_confirming_bound_and_its_message_cannot_contradic
     assert result.steps == 60 and not result.converged
     assert any("below what" in line and "whole budget" in line for line in lines)
     assert "target met" in describe_chi2(0.0052, 0.001, 0.01)
+
+
+def test_a_budget_means_what_it_says():
+    """A time budget alone is not cut short by a step cap, and the final check is sized to fit inside
+    it: a 2-s fit of 20,000 2-D points (whose default check would take seconds more) ends by ~2 s."""
+    import sys as _sys
+
+    from sdfm.data.synthetic import SETS
+    from sdfm.semidiscrete.fit import DEFAULT_STEPS, FitBudget, fit_potential, step_cap
+    from sdfm.semidiscrete.fitter import FitterOptions
+
+    assert step_cap(None, 30.0) == _sys.maxsize and step_cap(0, None) == DEFAULT_STEPS and step_cap(7, 30.0) == 7
+    y = SETS["moons"](20_000, torch.Generator().manual_seed(0))
+    lines = []
+    res = fit_potential(
+        y, FitterOptions(init="zero"), FitBudget(max_steps=step_cap(None, 2.0), target_chi2=1e-9, max_seconds=2.0),
+        log=lines.append,
+    )
+    assert res.seconds <= 2.0 * 1.25, (res.seconds, lines[-3:])
+    assert any("final check uses" in line for line in lines), lines[-5:]

@@ -215,14 +215,14 @@ class SemidiscreteOT:
         progress: bool = False,
     ) -> SemidiscreteOT:
         """Fit the dual potential of ``data`` (N, *shape) (``sdfm.semidiscrete.fit_potential``) until a
-        held-out evaluation confirms χ̂² <= ``target_chi2``, or ``max_steps`` (default 10,000), or
-        ``max_seconds``. ``progress``: log lines (the ``sdfm`` logger) and a progress bar on a terminal.
+        held-out evaluation confirms χ̂² <= ``target_chi2``, or ``max_steps``, or ``max_seconds``
+        (with neither budget: 5,000 steps; with a time budget alone: no step cap). ``progress``: log lines (the ``sdfm`` logger) and a progress bar on a terminal.
 
         Example:
             >>> sd = sdfm.SemidiscreteOT.fit(torch.randn(5000, 2), max_seconds=10)
             >>> sd.chi2
         """
-        from sdfm.semidiscrete.fit import FitBudget, fit_potential
+        from sdfm.semidiscrete.fit import FitBudget, fit_potential, step_cap
         from sdfm.semidiscrete.fitter import FitterOptions
 
         if not target_chi2 > 0 or (max_seconds is not None and not max_seconds > 0):
@@ -232,7 +232,7 @@ class SemidiscreteOT:
         seed = 0 if generator is None else int(torch.randint(0, 2**31, (), generator=generator))
         options = FitterOptions(epsilon=epsilon, pca_dim=pca_dim or 0, seed=seed)
         budget = FitBudget(
-            max_steps=max_steps or FitBudget.max_steps, target_chi2=target_chi2, max_seconds=max_seconds
+            max_steps=step_cap(max_steps, max_seconds), target_chi2=target_chi2, max_seconds=max_seconds
         )
         flat = data.flat() if isinstance(data, Points) else data.flatten(1)
         result = fit_potential(

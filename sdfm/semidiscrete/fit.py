@@ -238,9 +238,11 @@ def fit_potential(
     if progress and sys.stderr.isatty():
         from tqdm import tqdm
 
-        bar = tqdm(total=b.max_steps, desc="potential", leave=False)
+        bar = tqdm(total=None if b.max_steps == sys.maxsize else b.max_steps, desc="potential", leave=False)
     start = time.perf_counter() - spent
+    first_step = fitter.t
     next_check, final_chi2, final_se, converged = window, math.nan, math.nan, False
+    final_samples = eval_samples  # the last check's size; with a time budget, sized to fit in it
     while fitter.t < b.max_steps:
         if stop is not None and stop.requested:
             stop.restore()
@@ -276,15 +278,26 @@ def fit_potential(
                 converged = True
                 break
             next_check = max(fitter.t + window, math.ceil(1.25 * fitter.t))
-        if b.max_seconds is not None and seconds >= b.max_seconds:
-            break
+        if b.max_seconds is not None:
+            # The final check is counted in the budget: a check of M samples costs about M / B steps,
+            # and it gets at most a quarter of the budget (fewer samples, a wider error bar, said so).
+            step_s = (time.perf_counter() - start - spent) / max(1, fitter.t - first_step)  # checks included
+            affordable = int(0.25 * b.max_seconds / max(step_s, 1e-9)) * fitter.batch_size
+            final_samples = min(eval_samples, max(2 * fitter.batch_size, affordable)) if eval_samples else 0
+            if seconds + step_s * final_samples / fitter.batch_size >= b.max_seconds:
+                break
     if stop is not None:
         stop.restore()
     if bar is not None:
         bar.close()
     if not converged:
+        if log is not None and 0 < final_samples < eval_samples:
+            log(
+                f"potential: the final check uses {final_samples} samples (not {eval_samples}) to stay within "
+                f"potential.max_seconds = {b.max_seconds:g}"
+            )
         final_chi2, final_se = (
-            fitter.evaluate_with_error(eval_samples, eval_generator) if eval_samples > 0 else (mean, math.nan)
+            fitter.evaluate_with_error(final_samples, eval_generator) if final_samples > 0 else (mean, math.nan)
         )
     seconds = time.perf_counter() - start
     if not history or history[-1][0] != fitter.t:
@@ -341,6 +354,18 @@ class FitSetup:
         )
 
 
+DEFAULT_STEPS = 5000
+"""The step cap of a fit given neither a step nor a time budget."""
+
+
+def step_cap(max_steps: int | None, max_seconds: float | None) -> int:
+    """The fit's step budget: ``max_steps`` when given; none (a time budget alone binds) when only
+    ``max_seconds`` is; else ``DEFAULT_STEPS``. So ``--potential.max-seconds 30`` runs for 30 s."""
+    if max_steps:
+        return max_steps
+    return sys.maxsize if max_seconds else DEFAULT_STEPS
+
+
 def fit_setup(cfg: Config, data: Dataset) -> FitSetup:
     """The ``FitSetup`` of a run's config and its data."""
     p = cfg.potential
@@ -361,7 +386,8 @@ def fit_setup(cfg: Config, data: Dataset) -> FitSetup:
         precision=None if p.precision == "auto" else p.precision,
         candidates=p.candidates,
     )
-    budget = FitBudget(max_steps=p.max_steps, target_chi2=p.target_chi2, max_seconds=p.max_seconds or None)
+    max_seconds = p.max_seconds or None
+    budget = FitBudget(max_steps=step_cap(p.max_steps, max_seconds), target_chi2=p.target_chi2, max_seconds=max_seconds)
     return FitSetup(options, budget, data.labels if cfg.data.conditional else None, source)
 
 
