@@ -199,3 +199,20 @@ def test_quality_bench_runs_every_method_cell_and_refuses_a_negative_fine_tune(t
     assert "| 8gaussians | independent | oat +4 | w2 |" in capsys.readouterr().out
     with pytest.raises(UserError, match="--finetune-steps must be >= 0"):
         QualityBench(finetune_steps=-1, out=tmp_path / "x").run()
+
+
+def test_potential_bench_snapshots_at_step_counts(tmp_path):
+    """--at-steps: every method (sdfm and POT) is scored at exactly those step counts, with the noise
+    samples and products they cost, by the one evaluator."""
+    from sdfm.bench.potential import PotentialBench
+
+    out = tmp_path / "p.json"
+    bench = PotentialBench(data="digits", at_steps=[3, 6], methods=["sgd_tail", "pot"], eval_samples=2048,
+                           batch_size=256, threads=1, json=out)  # fmt: skip
+    assert bench.run() == 0
+    methods = json.loads(out.read_text())["methods"]
+    assert [m["method"] for m in methods] == ["sgd_tail", "pot"]
+    for m in methods:
+        assert [r["steps"] for r in m["rows"]] == [3, 6]
+        assert [r["samples"] for r in m["rows"]] == [768, 1536]
+        assert m["rows"][1]["products"] == 1536 * 1797 * 64

@@ -59,7 +59,9 @@ class ExactBench:
 
 
 def _pot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    import ot
+    from sdfm.pot import pot
+
+    ot = pot()
 
     c = (0.5 * torch.cdist(x.double(), y.double()).square()).numpy()
     n = c.shape[0]

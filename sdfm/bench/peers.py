@@ -59,7 +59,9 @@ def pot_sinkhorn(eps: float) -> Method:
     name = "pot sinkhorn_log"
     if reason := missing("ot", "pot"):
         return Method(name, lambda x, y: None, fixed_iters=True, unavailable=reason)
-    import ot
+    from sdfm.pot import pot
+
+    ot = pot()
 
     def make(x: Tensor, y: Tensor) -> Solve:
         n, m = x.shape[0], y.shape[0]
@@ -188,13 +190,17 @@ class PlainIndex:
 
 
 def pot_semidiscrete(
-    keys: Tensor, *, epsilon: float, batch_size: int, seed: int, budget: float
+    keys: Tensor, *, epsilon: float, batch_size: int, seed: int, budget: float, at_steps: list[int] | None = None
 ) -> tuple[list[dict], list[Tensor], dict]:
     """POT's ``ot.semidiscrete.solve_semidiscrete`` on keys (N, p) with noise N(0, I_p), run afresh with
     1, 2, 4, ... iterations while the next run is predicted to fit ``budget`` seconds, then once with
-    as many as the budget allows: (rows of steps and seconds, the potential of each row, settings)."""
+    as many as the budget allows (or, with ``at_steps``, once with each of those iteration counts):
+    (rows of steps and seconds, the potential of each row, settings)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        from sdfm.pot import pot
+
+        pot()  # POT's own import first, with its KeOps notice kept off the terminal
         from ot.semidiscrete import solve_semidiscrete
 
     n, p = keys.shape
@@ -214,6 +220,12 @@ def pot_semidiscrete(
 
     rows: list[dict] = []
     snaps: list[Tensor] = []
+    if at_steps:
+        for iters in sorted(at_steps):
+            g, seconds = run(iters)
+            rows.append({"steps": iters, "seconds": seconds})
+            snaps.append(g)
+        return rows, snaps, {"lr": math.sqrt(n * batch_size), "eps0": 0.1}
     iters, seconds = 1, 0.0
     while True:
         g, seconds = run(iters)

@@ -30,6 +30,10 @@ its share of each noise batch against all N points and one all-reduce of the cou
 the same step. Rank 0 keeps the clock and tells the others when to snapshot and when to stop. On a
 GPU node this is the multi-GPU worker's scaling; on one CPU it shows what the collectives cost.
 
+``--at-steps 100 200 400 800`` snapshots at step counts instead of times: χ̂² against the noise samples
+(steps x batch) and the B x N x d products spent, whatever a step costs on the machine; every row
+prints both. POT then runs once with each iteration count.
+
 Run: ``sdfm bench potential`` (digits, 60 s per method), or e.g.
 ``sdfm bench potential --data moons --points 20000 --at 5 30 60 240 --threads 1 --eval-samples 65536``.
 """
@@ -79,6 +83,9 @@ class PotentialBench:
     """Wall-time seconds per method (with --at: the largest of those times)."""
     at: list[float] = field(default_factory=list)
     """Wall times (s) at which each sdfm fit is snapshotted, e.g. 5 30 60 240 (empty: budget/2^k)."""
+    at_steps: list[int] = field(default_factory=list)
+    """Step counts at which each fit is snapshotted instead, e.g. 100 200 400 800: χ̂² per noise sample,
+    whatever a step costs (POT runs once with each count). Overrides --at and --budget."""
     batch_size: int = 1024
     """Noise samples per step (all methods)."""
     epsilon: float = 0.0
@@ -152,7 +159,11 @@ def _run_sdfm(
         elapsed = time.perf_counter() - start
         if comm.world > 1:  # rank 0's clock for every rank
             elapsed = float(comm.broadcast(torch.tensor([elapsed], dtype=torch.float64))[0])
-        if elapsed >= marks[0]:
+        if args.at_steps and fitter.t >= marks[0]:  # step marks: the same on every rank
+            snaps.append(fitter.potential())
+            rows.append({"steps": fitter.t, "seconds": elapsed})
+            marks.pop(0)
+        elif not args.at_steps and elapsed >= marks[0]:
             snaps.append(fitter.potential())
             rows.append({"steps": fitter.t, "seconds": elapsed})
             while marks and elapsed >= marks[0]:
@@ -161,7 +172,9 @@ def _run_sdfm(
 
 
 def _marks(args: PotentialBench) -> list[float]:
-    """Snapshot times of an sdfm fit, increasing."""
+    """Snapshot marks of an sdfm fit, increasing: step counts with --at-steps, else times."""
+    if args.at_steps:
+        return sorted(float(t) for t in args.at_steps)
     if args.at:
         return sorted(float(t) for t in args.at)
     return [args.budget / 2**k for k in range(args.checkpoints - 1, -1, -1)]
@@ -200,14 +213,15 @@ def _fit(
 ) -> tuple[list[dict], list[Tensor], dict]:
     if method == "pot":
         return pot_semidiscrete(
-            keys, epsilon=args.epsilon, batch_size=args.batch_size, seed=args.seed, budget=_marks(args)[-1]
-        )
+            keys, epsilon=args.epsilon, batch_size=args.batch_size, seed=args.seed, budget=_marks(args)[-1],
+            at_steps=args.at_steps or None,
+        )  # fmt: skip
     if ranks == 1:
         return _run_sdfm(method, keys, args)
     from sdfm.distributed.spawn import run_local
 
     threads = args.threads if args.threads > 0 else max(1, (os.cpu_count() or 1) // ranks)
-    timeout = 4 * _marks(args)[-1] + 300  # spawn, data transfer, coarse start, then the budget
+    timeout = (4 * _marks(args)[-1] if not args.at_steps else 3600) + 300  # spawn, transfer, start, budget
     return run_local(_rank_fit, ranks, args=(method, keys, args), timeout_s=timeout, threads=threads)[0]
 
 
@@ -225,15 +239,16 @@ def _main(args: PotentialBench) -> int:
     print(
         f"data: {name}, N={n}, d={y.shape[1]}"
         + (f", PCA {args.pca_dim} ({100 * explained:.1f}% of the variance)" if args.pca_dim else "")
-        + f"; batch {args.batch_size}, epsilon {args.epsilon}, budget {_marks(args)[-1]:g} s per method; "
-        f"chi2 by one evaluator on {args.eval_samples} fixed noise samples"
+        + f"; batch {args.batch_size}, epsilon {args.epsilon}, "
+        + (f"snapshots at steps {args.at_steps}; " if args.at_steps else f"budget {_marks(args)[-1]:g} s per method; ")
+        + f"chi2 by one evaluator on {args.eval_samples} fixed noise samples"
     )
     evaluator = Chi2Evaluator(
         keys, epsilon=args.epsilon, num_samples=args.eval_samples, seed=args.seed + 12_345
     )
     chi2_zero = evaluator(torch.zeros(n))
     print(f"chi2 of g = 0: {chi2_zero:.4f}")
-    header = f"{'method':<18} {'steps':>7} {'seconds':>8} {'chi2':>9}"
+    header = f"{'method':<18} {'steps':>7} {'samples':>10} {'BNd products':>13} {'seconds':>8} {'chi2':>9}"
     print(header)
     print("-" * len(header))
     results = []
@@ -243,7 +258,12 @@ def _main(args: PotentialBench) -> int:
         label = method if ranks == 1 else f"{method} x{ranks}"
         for row, g in zip(rows, snaps, strict=True):
             row["chi2"] = evaluator(g)
-            print(f"{label:<18} {row['steps']:>7} {row['seconds']:>8.2f} {row['chi2']:>9.4f}")
+            row["samples"] = row["steps"] * args.batch_size  # noise samples drawn
+            row["products"] = row["samples"] * n * d  # multiply-adds of scoring them against all N points
+            print(
+                f"{label:<18} {row['steps']:>7} {row['samples']:>10} {row['products']:>13.3g} "
+                f"{row['seconds']:>8.2f} {row['chi2']:>9.4f}"
+            )
         reached = next((r for r in rows if r["chi2"] <= args.target), None)
         clusters = None
         if args.clusters > 0 and method != "pot":
