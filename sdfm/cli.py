@@ -387,10 +387,14 @@ def _first_message(text: str) -> str | None:
     return lines[1] if len(lines) > 1 else (lines[0] if lines else None)
 
 
+ZERO_MEANS_SOMETHING = {"threads", "ranks", "pca_dim", "warmup", "folder_images", "max_points", "clusters",
+                        "finetune_steps", "seed", "epsilon"}  # fmt: skip
+"""Benchmark settings whose 0 is documented ("0: the default threads", "0: skip it", "0: no PCA" ...)."""
+
+
 def check_bench_args(bench) -> None:
-    """Refuse (one line) a benchmark setting that cannot be run: a negative number anywhere, and 0 where
-    the default is not 0 (a size, a count or a budget; 0 means "auto" or "skip" only where it is the
-    default, like --threads 0)."""
+    """Refuse (one line) a benchmark setting that cannot be run: a negative number anywhere, and 0 for
+    a size, count or budget (``ZERO_MEANS_SOMETHING`` names the settings where 0 has a meaning)."""
     for f in fields(bench):
         value, default = getattr(bench, f.name), f.default
         if default is MISSING and f.default_factory is not MISSING:
@@ -401,7 +405,7 @@ def check_bench_args(bench) -> None:
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int | float):
                 continue
-            if v < 0 or (v == 0 and 0 not in defaults) or v != v:
+            if v < 0 or (v == 0 and 0 not in defaults and f.name not in ZERO_MEANS_SOMETHING) or v != v:
                 raise UserError(f"{flag} {v} must be positive; pass a size, count or budget above 0")
 
 
@@ -423,9 +427,9 @@ def main(argv: list[str] | None = None) -> None:
     except Interrupted as e:  # SIGTERM stopped a loop at a step boundary; the message says what was saved
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(143)
-    except BrokenPipeError:  # `sdfm train --help | head -1`: the reader left; that is not an error
-        devnull = os.open(os.devnull, os.O_WRONLY)
+    except BrokenPipeError:  # `sdfm train --help | head -1`: the reader left; no traceback, and the
+        devnull = os.open(os.devnull, os.O_WRONLY)  # shell's code for a closed pipe (128 + SIGPIPE)
         os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout at exit: into nothing now
-        sys.exit(0)
+        sys.exit(141)
     if code:
         sys.exit(code)

@@ -217,6 +217,32 @@ def is_locked(folder: Path) -> str | None:
     return None
 
 
+def recover_replaced(run_dir: Path) -> None:
+    """Put back a run that an --overwrite killed before its first checkpoint had moved aside
+    (``.RUN.replaced-PID`` whose process is gone); drop one whose replacement did checkpoint. Nothing
+    happens while a live trainer holds the run folder's lock: the PID test sees this machine only, and
+    the lock also holds across machines where the file system supports it."""
+    run_dir = Path(run_dir)
+    if is_locked(run_dir) is not None:
+        return
+    for aside in run_dir.parent.glob(f".{run_dir.name}.replaced-*"):
+        pid = aside.name.rpartition("-")[2]
+        if not aside.is_dir() or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if (run_dir / "checkpoints" / "latest").is_file():
+            shutil.rmtree(aside, ignore_errors=True)
+            continue
+        if run_dir.is_dir() and not run_dir.is_symlink():
+            shutil.rmtree(run_dir)
+        elif run_dir.exists() or run_dir.is_symlink():
+            run_dir.unlink()
+        os.replace(aside, run_dir)
+        info(
+            f"warning: {run_dir} held a run that was stopped before its first checkpoint while replacing "
+            "another (--overwrite); the replaced run is back in place"
+        )
+
+
 def _alive(pid: int) -> bool:
     """Whether a process with this id exists (on this machine)."""
     try:
@@ -250,24 +276,7 @@ class RunFolder:
         return self.aside is not None
 
     def _recover_replaced(self) -> None:
-        """Put back a run that an --overwrite killed before its first checkpoint had moved aside (its
-        process is gone); drop one whose replacement did checkpoint."""
-        for aside in self.run_dir.parent.glob(f".{self.run_dir.name}.replaced-*"):
-            pid = aside.name.rpartition("-")[2]
-            if not aside.is_dir() or not pid.isdigit() or _alive(int(pid)):
-                continue
-            if (self.run_dir / "checkpoints" / "latest").is_file():
-                shutil.rmtree(aside, ignore_errors=True)
-                continue
-            if self.run_dir.is_dir() and not self.run_dir.is_symlink():
-                shutil.rmtree(self.run_dir)
-            elif self.run_dir.exists() or self.run_dir.is_symlink():
-                self.run_dir.unlink()
-            os.replace(aside, self.run_dir)
-            info(
-                f"warning: {self.run_dir} held a run that was stopped before its first checkpoint while replacing "
-                "another (--overwrite); the replaced run is back in place"
-            )
+        recover_replaced(self.run_dir)
 
     def begin(self) -> None:
         if self.run_dir.is_symlink():  # work on the folder the link names: the link itself stays

@@ -45,6 +45,7 @@ from sdfm.rundir import (
     RunFolder,
     check_dataset,
     check_resume_config,
+    recover_replaced,
     write_heartbeat,
 )
 from sdfm.semidiscrete.index import check_precision
@@ -335,37 +336,39 @@ class Trainer:
         previous_int = signal.signal(signal.SIGINT, self._on_sigterm)
         window_t, window_n = time.perf_counter(), 0
         beat = -math.inf
-        while self.step < until:
-            if main and time.monotonic() - beat >= HEARTBEAT_EVERY_S:  # a worker of its own job reads it
-                write_heartbeat(self.run_dir, self.step)
-                beat = time.monotonic()
-            if self.pg.any(self.stop_requested):  # agreed by all ranks, so all stop at this step
-                path = self.save()
-                monitor.print(f"{self.stop_signal or 'SIGTERM'}: saved checkpoint {path} at step {self.step}; exiting")
-                break
-            metrics = self.train_step()
-            window_n += cfg.train.batch_size
-            monitor.advance()
-            # (fp16's gradient scaler skips steps with inf gradients itself: only its loss counts)
-            grads_ok = math.isfinite(metrics["grad_norm"]) or self.scaler.is_enabled()
-            if not (math.isfinite(metrics["loss"]) and grads_ok):
-                raise AgreedError(self._diverged(metrics))  # every rank sees the same reduced loss
-            if self.step % cfg.train.log_every == 0 or self.step == until:
-                if self.worker is not None and (warning := self.worker.check()):
-                    monitor.print(warning)
-                elapsed = time.perf_counter() - window_t
-                metrics["pairs_per_s"] = window_n / max(elapsed, 1e-9)
-                monitor.log(self.step, metrics, LOG_KEYS)
-                window_t, window_n = time.perf_counter(), 0
-            if self.step % cfg.train.ckpt_every == 0 or self.step == until:
-                path = self.save()
-                monitor.print(f"saved checkpoint {path}")
-        signal.signal(signal.SIGTERM, previous_handler)
-        signal.signal(signal.SIGINT, previous_int)
-        if self.stop_signal == "SIGINT":
+        try:  # the handlers go back on every exit (a divergence, an error) for library callers
+            while self.step < until:
+                if main and time.monotonic() - beat >= HEARTBEAT_EVERY_S:  # a worker of its own job reads it
+                    write_heartbeat(self.run_dir, self.step)
+                    beat = time.monotonic()
+                if self.pg.any(self.stop_requested):  # agreed by all ranks, so all stop at this step
+                    path = self.save()
+                    monitor.print(f"{self.stop_signal or 'SIGTERM'}: saved checkpoint {path} at step {self.step}; exiting")
+                    break
+                metrics = self.train_step()
+                window_n += cfg.train.batch_size
+                monitor.advance()
+                # (fp16's gradient scaler skips steps with inf gradients itself: only its loss counts)
+                grads_ok = math.isfinite(metrics["grad_norm"]) or self.scaler.is_enabled()
+                if not (math.isfinite(metrics["loss"]) and grads_ok):
+                    raise AgreedError(self._diverged(metrics))  # every rank sees the same reduced loss
+                if self.step % cfg.train.log_every == 0 or self.step == until:
+                    if self.worker is not None and (warning := self.worker.check()):
+                        monitor.print(warning)
+                    elapsed = time.perf_counter() - window_t
+                    metrics["pairs_per_s"] = window_n / max(elapsed, 1e-9)
+                    monitor.log(self.step, metrics, LOG_KEYS)
+                    window_t, window_n = time.perf_counter(), 0
+                if self.step % cfg.train.ckpt_every == 0 or self.step == until:
+                    path = self.save()
+                    monitor.print(f"saved checkpoint {path}")
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+            signal.signal(signal.SIGINT, previous_int)
+        if self.stop_signal == "SIGINT":  # saved; run_training ends the command as interrupted (130)
             self.pairing.close()
             monitor.close()
-            raise KeyboardInterrupt  # saved: the command ends as interrupted
+            return
         self.pairing.close()
         if cfg.train.eval_at_end and self.step == cfg.train.steps and main:
             from sdfm.evaluate import evaluate_run
@@ -650,6 +653,8 @@ def run_training(
         load_potential(
             p.path, expected_fingerprint=dataset.fingerprint, expected_n=len(dataset)
         )  # before any write
+    if env.is_main and Path(run_dir).parent.is_dir():  # an --overwrite killed early: the replaced run comes
+        recover_replaced(Path(run_dir).resolve() if Path(run_dir).is_symlink() else Path(run_dir))  # back, then checks
     saved = Path(run_dir) / "config.toml"
     if resume and saved.is_file():  # the merge rule: fixed keys stay as the run has them
         check_resume_config(config_mod.load_config(saved), cfg)
@@ -699,13 +704,18 @@ def run_training(
                 info(f"{run_dir} is already at step {trainer.step} = train.steps; nothing to train")
             trainer.train()
             pg.any(False)  # leave together: rank 0 may still be writing the last checkpoint
-        except BaseException:
+            if trainer.stop_signal == "SIGINT":
+                raise KeyboardInterrupt  # after the ranks left together: the checkpoint is saved
+        except BaseException as e:
             if env.is_main and folder.replacing:  # --overwrite, and the new run never checkpointed
                 if trainer.worker is not None:
                     trainer.worker.stop()
                     trainer.worker = None
                 folder.rollback()
                 info(f"the new run stopped before its first checkpoint; {run_dir} holds the replaced run again")
+                if isinstance(e, SystemExit) and not e.code:  # a SIGTERM'd fit: its state went with the new run
+                    info("the new run's interrupted potential fit went with it: start the --overwrite again")
+                    raise SystemExit(143) from None
             raise
     finally:
         if trainer is not None and trainer.worker is not None:

@@ -106,6 +106,8 @@ def as_points(x: np.ndarray, path) -> Points:
         x = x[:, None]
     if x.dtype == np.bool_:
         x = x.astype(np.uint8)
+    if not x.dtype.isnative:  # a big-endian file: torch reads native byte order only (this copies)
+        x = x.astype(x.dtype.newbyteorder("="))
     with warnings.catch_warnings():  # a read-only memory map: sdfm never writes into data
         warnings.simplefilter("ignore", UserWarning)
         storage = torch.from_numpy(x)

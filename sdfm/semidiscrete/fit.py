@@ -233,6 +233,7 @@ def fit_potential(
         )
     eval_generator = torch.Generator(device=fitter.problem.device).manual_seed(options.seed + 7_919)
     recent: deque[float] = deque(maxlen=window)
+    mean = math.nan  # (a resumed fit already past its step budget takes no step)
     history: list[tuple[int, float, float]] = []
     bar = None
     if progress and sys.stderr.isatty():

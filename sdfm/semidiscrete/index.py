@@ -273,7 +273,8 @@ class MatchIndex:
         whole = not self.labeled and backend in ("torch", "triton", "auto")
         exact = self._blocks[0].exact if whole else None
         same = exact is keys or (not stored and exact is not None and exact.data_ptr() == keys.data_ptr())
-        self._whole_keys = exact if same else None
+        # Stored points: the keys of all of them, in order, cost nothing to hand out (labels or not).
+        self._whole_keys = keys if stored else exact if same else None
 
     @property
     def classes(self) -> list[int]:
