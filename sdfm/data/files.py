@@ -220,6 +220,34 @@ def _load_image_folder(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return np.stack(images), labels
 
 
+def read_array_file(path: Path, accepted: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The points of a .npy (memory-mapped), .npz or .safetensors file (under one of ``X_KEYS``) and its
+    labels (``LABEL_KEYS``) or None, as stored; UserError naming the file for anything else or
+    unreadable (``accepted``: what the caller takes instead, for the message)."""
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, mmap_mode="r", allow_pickle=False), None
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        elif path.suffix == ".safetensors":
+            from safetensors.numpy import load_file as st_load
+
+            arrays = st_load(str(path))
+        else:
+            raise UserError(f"{path}: unsupported file type '{path.suffix}'; {accepted}")
+    except UserError:
+        raise
+    except Exception as e:  # numpy/safetensors raise many types for truncated or foreign files
+        raise UserError(
+            f"{path}: cannot read the array ({type(e).__name__}: {e}); check that the file is complete"
+        ) from None
+    x = pick(arrays, X_KEYS)
+    if x is None:
+        raise UserError(f"{path}: no array named one of {X_KEYS}; store the data under 'x' (labels under 'labels')")
+    return x, pick(arrays, LABEL_KEYS)
+
+
 @dataclass
 class FileData:
     """Points read from a user file.
@@ -253,35 +281,9 @@ def load_file(path_str: str, key: str = "data.path") -> FileData:
         labels = None if pack.labels is None else pack.labels.numpy()
         eval_labels = None if pack.eval_labels is None else pack.eval_labels.numpy()
         return FileData(pack.x, labels, pack.eval_x, eval_labels, pack.fingerprint)
-    labels = None
-    try:
-        if path.is_dir():
-            x, labels = _load_image_folder(path)
-        elif path.suffix == ".npy":
-            x = np.load(path, mmap_mode="r", allow_pickle=False)
-        elif path.suffix in (".npz", ".safetensors"):
-            if path.suffix == ".npz":
-                with np.load(path, allow_pickle=False) as z:
-                    arrays = {k: z[k] for k in z.files}
-            else:
-                from safetensors.numpy import load_file as st_load
-
-                arrays = st_load(str(path))
-            x = pick(arrays, X_KEYS)
-            if x is None:
-                raise UserError(
-                    f"{path}: no array named one of {X_KEYS}; store the data under 'x' (labels under 'labels')"
-                )
-            labels = pick(arrays, LABEL_KEYS)
-        else:
-            raise UserError(
-                f"{path}: unsupported file type '{path.suffix}'; use a pack, .npy, .npz, .safetensors or a folder of images"
-            )
-    except UserError:
-        raise
-    except Exception as e:  # numpy/safetensors raise many types for truncated or foreign files
-        raise UserError(
-            f"{path}: cannot read the array ({type(e).__name__}: {e}); check that the file is complete"
-        ) from None
+    if path.is_dir():
+        x, labels = _load_image_folder(path)
+    else:
+        x, labels = read_array_file(path, "use a pack, .npy, .npz, .safetensors or a folder of images")
     points = as_points(x, path)
     return FileData(points, check_labels(labels, len(points), path))

@@ -10,6 +10,7 @@ an existing file unless ``overwrite``.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import sys
 from collections.abc import Callable
@@ -76,33 +77,6 @@ def _layout(x: np.ndarray, path: str) -> tuple[tuple[int, ...], np.dtype, float,
     return shape, dtype, divisor, offset, channels_last
 
 
-def _load_array(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """The points (memory-mapped for .npy) and labels of an array file."""
-    try:
-        if path.suffix == ".npy":
-            return np.load(path, mmap_mode="r", allow_pickle=False), None
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        elif path.suffix == ".safetensors":
-            from safetensors.numpy import load_file
-
-            arrays = load_file(str(path))
-        else:
-            raise UserError(
-                f"{path}: unsupported source '{path.suffix}'; pack a .npy/.npz/.safetensors file, an image "
-                f"folder, or one of {', '.join(BUILTIN)}"
-            )
-    except UserError:
-        raise
-    except Exception as e:  # numpy/safetensors raise many types for truncated or foreign files
-        raise UserError(f"{path}: cannot read the array ({type(e).__name__}: {e}); check that the file is complete") from None
-    x = files.pick(arrays, files.X_KEYS)
-    if x is None:
-        raise UserError(f"{path}: no array named one of {files.X_KEYS}; store the data under 'x' (labels under 'labels')")
-    return x, files.pick(arrays, files.LABEL_KEYS)
-
-
 def _pack_array(
     x: np.ndarray,
     labels: np.ndarray | None,
@@ -114,7 +88,9 @@ def _pack_array(
     eval_labels: np.ndarray | None = None,
     layout: tuple | None = None,
     progress: bool | None = None,
-) -> tuple[int, str]:
+) -> int:
+    """Write the rows of ``x`` (and its labels, held-out set) as a pack at ``out``, block by block;
+    returns how many points it holds."""
     shape, dtype, divisor, offset, channels_last = layout or _layout(x, source)
     labels = files.check_labels(labels, len(x), Path(source))
     rows = max(1, _BLOCK_BYTES // max(1, int(np.prod(shape)) * 4))
@@ -127,7 +103,7 @@ def _pack_array(
             writer.add(_stored_block(block, shape, dtype, channels_last, source, lo))
             bar.update(block.shape[0])
         writer.finish(labels, eval_x, eval_labels)
-    return len(x), ""
+    return len(x)
 
 
 def _stored_block(block: np.ndarray, shape, dtype: np.dtype, channels_last: bool, source: str, lo: int) -> np.ndarray:
@@ -166,47 +142,38 @@ def _pack_folder(
     writer = None
     kept_labels: list[int] = []
     skipped: list[str] = []
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
-    try:
+    with contextlib.ExitStack() as stack:  # on any error: the partial pack removed, the pool terminated
+        pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers)) if workers > 1 else None
         results = pool.imap(files.decode_image, tasks, chunksize=32) if pool else map(files.decode_image, tasks)
-        with _progress(len(tasks), "images", progress) as bar:
-            block: list[np.ndarray] = []
-            for p, a in zip(paths, results, strict=True):
-                bar.update(1)
-                if isinstance(a, str):
-                    if strict:
-                        raise UserError(f"{p}: cannot read image ({a}); remove or fix it, or pack without --strict")
-                    skipped.append(f"{p}: {a}")
-                    continue
-                if writer is None:
-                    writer = PackWriter(
-                        out, max_rows=len(paths), shape=a.shape, dtype=np.uint8, divisor=127.5, offset=-1.0,
-                        name=src.name, source=str(src), max_classes=len(classes),
-                    ).__enter__()  # fmt: skip
-                elif a.shape != writer.shape:
-                    raise UserError(
-                        f"{p}: image of size {a.shape[1]}x{a.shape[2]} but the first was "
-                        f"{writer.shape[1]}x{writer.shape[2]}; pass --size S to resize and centre-crop them all"
-                    )
-                block.append(a)
-                kept_labels.append(class_of[p.parent.relative_to(src).as_posix()])
-                if len(block) * a.nbytes >= _BLOCK_BYTES:
-                    writer.add(np.stack(block))
-                    block = []
+        bar = stack.enter_context(_progress(len(tasks), "images", progress))
+        block: list[np.ndarray] = []
+        for p, a in zip(paths, results, strict=True):
+            bar.update(1)
+            if isinstance(a, str):
+                if strict:
+                    raise UserError(f"{p}: cannot read image ({a}); remove or fix it, or pack without --strict")
+                skipped.append(f"{p}: {a}")
+                continue
             if writer is None:
-                raise UserError(f"{src}: none of its {len(paths)} images could be read (first: {skipped[0]})")
-            if block:
+                writer = stack.enter_context(PackWriter(
+                    out, max_rows=len(paths), shape=a.shape, dtype=np.uint8, divisor=127.5, offset=-1.0,
+                    name=src.name, source=str(src), max_classes=len(classes),
+                ))  # fmt: skip
+            elif a.shape != writer.shape:
+                raise UserError(
+                    f"{p}: image of size {a.shape[1]}x{a.shape[2]} but the first was "
+                    f"{writer.shape[1]}x{writer.shape[2]}; pass --size S to resize and centre-crop them all"
+                )
+            block.append(a)
+            kept_labels.append(class_of[p.parent.relative_to(src).as_posix()])
+            if len(block) * a.nbytes >= _BLOCK_BYTES:
                 writer.add(np.stack(block))
-        labels = np.asarray(kept_labels) if len(classes) > 1 else None
-        writer.finish(labels)
-        writer.__exit__(None, None, None)
-    except BaseException as e:
-        if writer is not None:
-            writer.__exit__(type(e), e, None)
-        raise
-    finally:
-        if pool is not None:
-            pool.terminate()
+                block = []
+        if writer is None:
+            raise UserError(f"{src}: none of its {len(paths)} images could be read (first: {skipped[0]})")
+        if block:
+            writer.add(np.stack(block))
+        writer.finish(np.asarray(kept_labels) if len(classes) > 1 else None)
     if skipped:
         log(f"warning: skipped {len(skipped)} unreadable image(s) of {len(paths)}, e.g. {skipped[0]}")
     return len(paths) - len(skipped), len(skipped)
@@ -241,12 +208,11 @@ def pack_source(
     if src == "fashion-mnist":
         x, labels = files.fashion_mnist_uint8("train")
         ex, el = files.fashion_mnist_uint8("test")
-        _pack_array(x, labels, out, name=src, source=src, eval_x=ex, eval_labels=el, progress=progress)
-        n = len(x)
+        n = _pack_array(x, labels, out, name=src, source=src, eval_x=ex, eval_labels=el, progress=progress)
     elif src == "digits":
         x, labels = files.digits_uint8()
-        _pack_array(x, labels, out, name=src, source=src, layout=((1, 8, 8), np.dtype(np.uint8), 8.0, -1.0, False), progress=progress)
-        n = len(x)
+        layout = ((1, 8, 8), np.dtype(np.uint8), 8.0, -1.0, False)
+        n = _pack_array(x, labels, out, name=src, source=src, layout=layout, progress=progress)
     else:
         path = Path(src).expanduser()
         if not path.exists():
@@ -264,7 +230,9 @@ def pack_source(
         else:
             if size is not None:
                 raise UserError("--size resizes images of a folder; arrays are packed as they are")
-            x, labels = _load_array(path)
-            n, _ = _pack_array(x, labels, out, name=path.stem, source=str(path), progress=progress)
+            x, labels = files.read_array_file(
+                path, f"pack a .npy/.npz/.safetensors file, an image folder, or one of {', '.join(BUILTIN)}"
+            )
+            n = _pack_array(x, labels, out, name=path.stem, source=str(path), progress=progress)
     pack = open_pack(out)
     return PackReport(out, n, skipped, time.perf_counter() - start, pack.fingerprint)
