@@ -43,6 +43,7 @@ __all__ = [
     "DATASET_FILE",
     "FIXED_ON_RESUME",
     "RunFolder",
+    "recover_replaced",
     "RunLock",
     "check_dataset",
     "check_resume_config",
@@ -260,7 +261,8 @@ class RunFolder:
     the new one has written its first complete checkpoint, and ``rollback`` puts everything back (a
     start that fails, or a new run that fails before its first checkpoint). Between ``begin`` and
     ``commit`` the trainer builds, resumes and starts; nothing it reads is changed until then. A run
-    killed before its first checkpoint leaves the replaced run aside: the next start puts it back.
+    killed before its first checkpoint leaves the replaced run aside: ``recover_replaced``, which
+    ``run_training`` calls before it checks anything, puts it back.
     """
 
     def __init__(self, run_dir: Path, *, resume: bool, overwrite: bool):
@@ -275,13 +277,9 @@ class RunFolder:
         """Whether a replaced run is still kept aside (the new run has no checkpoint yet)."""
         return self.aside is not None
 
-    def _recover_replaced(self) -> None:
-        recover_replaced(self.run_dir)
-
     def begin(self) -> None:
         if self.run_dir.is_symlink():  # work on the folder the link names: the link itself stays
             self.run_dir = self.run_dir.resolve()
-        self._recover_replaced()
         check_run_dir(self.run_dir, resume=self.resume, overwrite=self.overwrite)
         fix = "stop that trainer first, or choose another --run-dir"
         existing = self.run_dir.is_dir() and is_run_dir(self.run_dir)

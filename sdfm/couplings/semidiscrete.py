@@ -159,6 +159,8 @@ class SemidiscreteOT:
         chi2: the potential's χ̂² (NaN when unknown).
         device: where the matching index lives (default: the data's device, the host for Points).
         topk: candidates of the softmax sampling when ε > 0.
+        fingerprint: ``sdfm.data.fingerprint`` of data and labels, when the caller has it already (it
+            reads every point).
 
     Example:
         >>> sd = sdfm.SemidiscreteOT.fit(data, max_seconds=60)
@@ -176,11 +178,12 @@ class SemidiscreteOT:
         chi2: float = float("nan"),
         device: torch.device | str | None = None,
         topk: int = 64,
+        fingerprint: str | None = None,
     ):
-        from sdfm.data import fingerprint
+        from sdfm.data import fingerprint as fingerprint_of
 
         self.data, self.labels = data, labels
-        self.fingerprint = fingerprint(data, labels)
+        self.fingerprint = fingerprint if fingerprint is not None else fingerprint_of(data, labels)
         cfg = PotentialConfig(epsilon=epsilon, pca_dim=pca_dim, topk=topk)
         self.coupling = SemidiscreteCoupling(
             data, labels, cfg, self.fingerprint, per_class=labels is not None,
@@ -281,8 +284,12 @@ class SemidiscreteOT:
         data (its fingerprint) or the file is damaged."""
         from sdfm.data import fingerprint
 
-        pot = load_potential(path, expected_fingerprint=fingerprint(data, labels), expected_n=len(data))
-        return cls(data, pot.g, labels=labels, epsilon=pot.epsilon, pca_dim=pot.pca_dim, chi2=pot.chi2, device=device)
+        fp = fingerprint(data, labels)
+        pot = load_potential(path, expected_fingerprint=fp, expected_n=len(data))
+        return cls(
+            data, pot.g, labels=labels, epsilon=pot.epsilon, pca_dim=pot.pca_dim, chi2=pot.chi2, device=device,
+            fingerprint=fp,
+        )  # fmt: skip
 
     def loader(self, batch_size: int, *, generator: torch.Generator | None = None) -> Iterator[Pairs]:
         """An endless iterator of Pairs of ``batch_size`` fresh standard-normal samples (with labels

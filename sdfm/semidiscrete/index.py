@@ -268,13 +268,14 @@ class MatchIndex:
                 self._blocks.append(TritonBlock(block_keys, chunk_size, auto=backend == "auto"))
         self.potential = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.last_refresh_seconds = 0.0
-        # The keys of all points, when a block holds them whole anyway (unlabeled torch or triton):
-        # ``data_keys`` hands them out instead of building a second copy.
-        whole = not self.labeled and backend in ("torch", "triton", "auto")
-        exact = self._blocks[0].exact if whole else None
-        same = exact is keys or (not stored and exact is not None and exact.data_ptr() == keys.data_ptr())
-        # Stored points: the keys of all of them, in order, cost nothing to hand out (labels or not).
-        self._whole_keys = keys if stored else exact if same else None
+        # The keys of all points for ``data_keys``, when they cost no second copy: stored points (any
+        # labels), or the one block of an unlabeled torch or triton index, which holds them whole.
+        self._whole_keys = None
+        if stored:
+            self._whole_keys = keys
+        elif not self.labeled and backend in ("torch", "triton", "auto"):
+            exact = self._blocks[0].exact
+            self._whole_keys = exact if exact.data_ptr() == keys.data_ptr() else None
 
     @property
     def classes(self) -> list[int]:
