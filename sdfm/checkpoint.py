@@ -39,7 +39,7 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +226,7 @@ class Checkpoint:
     step: int
     path: Path
     state: dict[str, Any]
+    _objects: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The tensors of ``name.safetensors`` (verified when the checkpoint was opened)."""
@@ -242,10 +243,14 @@ class Checkpoint:
 
     def object(self, name: str) -> Any:
         """The state dict ``name`` (optimizer, scheduler, scaler): ``name.safetensors``, or the
-        ``name.pt`` of an older checkpoint, loaded with weights_only (no code runs on load)."""
-        if self.has(f"{name}.safetensors"):
-            return state_from_bytes((self.path / f"{name}.safetensors").read_bytes())
-        return torch.load(self.path / f"{name}.pt", map_location="cpu", weights_only=True)
+        ``name.pt`` of an older checkpoint, loaded with weights_only (no code runs on load). Read once
+        per checkpoint: the check that a resume can load it and the resume itself share the read."""
+        if name not in self._objects:
+            if self.has(f"{name}.safetensors"):
+                self._objects[name] = state_from_bytes((self.path / f"{name}.safetensors").read_bytes())
+            else:
+                self._objects[name] = torch.load(self.path / f"{name}.pt", map_location="cpu", weights_only=True)
+        return self._objects[name]
 
 
 class CheckpointManager:
