@@ -4,6 +4,7 @@ checks agree, and the goals are decided from the rows (pending exactly when no G
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +217,25 @@ def test_potential_bench_snapshots_at_step_counts(tmp_path):
         assert [r["steps"] for r in m["rows"]] == [3, 6]
         assert [r["samples"] for r in m["rows"]] == [768, 1536]
         assert m["rows"][1]["products"] == 1536 * 1797 * 64
+
+
+def test_quality_cells_and_the_cpu_unet_preset(tmp_path):
+    """``--cells`` picks coupling:method pairs in order and refuses a malformed pair before any work;
+    the fashion-mnist-unet task trains the model of launch/configs/fashion-mnist-unet-cpu.toml."""
+    from sdfm.bench.quality import QualityBench, _cells, task_config
+    from sdfm.config import load_config
+    from sdfm.errors import UserError
+
+    bench = QualityBench(tasks=["fashion-mnist-unet"], cells=["independent:fm", "semidiscrete:meanflow"])
+    assert list(_cells(bench)) == [
+        ("fashion-mnist-unet", "independent", "fm", "linear"),
+        ("fashion-mnist-unet", "semidiscrete", "meanflow", "linear"),
+    ]
+    for bad in ("semidiscrete", "sd:fm", "exact:oat"):
+        with pytest.raises(UserError, match="is not coupling:method"):
+            QualityBench(cells=[bad], out=tmp_path / "x").run()
+    assert not (tmp_path / "x").exists()
+    preset = load_config(Path(__file__).parents[1] / "launch/configs/fashion-mnist-unet-cpu.toml")
+    task = task_config("fashion-mnist-unet", "semidiscrete", 1500, 0, 64)
+    assert task.model == preset.model and task.data.max_points == preset.data.max_points == 0
+    assert task.potential.pca_dim == preset.potential.pca_dim == 64
