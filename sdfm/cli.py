@@ -103,7 +103,8 @@ class FitPotentialCommand:
         from sdfm.distributed.env import DistEnv, potential_device
         from sdfm.monitor import info
         from sdfm.semidiscrete import fit_and_save
-        from sdfm.semidiscrete.fit import FitInterrupted, describe_chi2
+        from sdfm.semidiscrete.chi2 import describe_chi2
+        from sdfm.semidiscrete.fit import FitInterrupted
 
         if self.out.suffix != ".safetensors":
             raise UserError(f"--out {self.out} must end in .safetensors: where to save the potential")

@@ -17,18 +17,56 @@ class Interrupted(Exception):
 
 
 class TermFlag:
-    """SIGTERM as a flag checked between steps (installed in the main thread only; elsewhere it is
-    never set). ``restore`` puts the previous handler back."""
+    """Signals as a flag checked between steps: the one stop flag of the potential fit, the learned
+    schedule's fit, the worker and the training loop.
 
-    def __init__(self):
-        self.requested, self.previous = False, None
+    Handlers are installed in the main thread only (elsewhere the flag is never set); ``restore``
+    puts the previous handlers back, and ``with`` installs for a block.
+
+    Args:
+        signals: the signals that set the flag (default SIGTERM).
+        install: install the handlers now (else on ``install()`` or ``with``).
+        repeat_interrupt: a second SIGINT while the flag is set raises ``KeyboardInterrupt`` (a second
+            Ctrl-C stops at once instead of at the next step boundary).
+
+    Attributes:
+        requested: whether one of the signals arrived; name: the last one's name ('SIGTERM', ...).
+    """
+
+    def __init__(
+        self,
+        signals: tuple[int, ...] = (signal.SIGTERM,),
+        *,
+        install: bool = True,
+        repeat_interrupt: bool = False,
+    ):
+        self.signals, self.repeat_interrupt = tuple(signals), repeat_interrupt
+        self.requested, self.name = False, ""
+        self.previous: dict[int, object] = {}
+        if install:
+            self.install()
+
+    def install(self) -> None:
+        """Route the signals to this flag (main thread only; a no-op elsewhere)."""
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            for sig in self.signals:
+                self.previous.setdefault(sig, signal.signal(sig, self._handle))
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        del frame
+        if self.requested and self.repeat_interrupt and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.name = True, signal.Signals(signum).name
 
     def restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-            self.previous = None
+        """Put back the handlers that were there before ``install``."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def __enter__(self) -> TermFlag:
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()

@@ -49,6 +49,7 @@ from sdfm.rundir import (
     write_heartbeat,
 )
 from sdfm.semidiscrete.index import check_precision
+from sdfm.signals import TermFlag
 
 LOG_KEYS = (
     "loss",
@@ -166,8 +167,8 @@ class Trainer:
             refresh=self.refresh_potential,
         )
         self.step = 0
-        self.stop_requested = False  # set by SIGTERM or SIGINT; acted on at the next step boundary
-        self.stop_signal = ""  # which of them
+        # SIGTERM or SIGINT, acted on at the next step boundary (a second Ctrl-C stops at once)
+        self.stop_flag = TermFlag((signal.SIGTERM, signal.SIGINT), install=False, repeat_interrupt=True)
 
     def _build_method(self) -> Method:
         """The [method] section's path and objective, with its fitted schedule or OAT target copy."""
@@ -238,7 +239,7 @@ class Trainer:
         from sdfm.couplings.semidiscrete import SemidiscreteCoupling
         from sdfm.methods.oat import SemidiscreteAcceleration
         from sdfm.semidiscrete import fit_potential
-        from sdfm.semidiscrete.fit import fit_setup
+        from sdfm.semidiscrete.configured import fit_setup
 
         cfg, data = self.cfg, self.data
         setup = fit_setup(cfg, data)
@@ -332,8 +333,7 @@ class Trainer:
             f"batch {cfg.train.batch_size}{ranks}, {sum(p.numel() for p in self.model.parameters()):,} parameters, "
             f"{amp.describe(self.precision)}{', compiled' if cfg.train.compile else ''}"
         )
-        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        previous_int = signal.signal(signal.SIGINT, self._on_sigterm)
+        self.stop_flag.install()
         window_t, window_n = time.perf_counter(), 0
         beat = -math.inf
         try:  # the handlers go back on every exit (a divergence, an error) for library callers
@@ -341,9 +341,9 @@ class Trainer:
                 if main and time.monotonic() - beat >= HEARTBEAT_EVERY_S:  # a worker of its own job reads it
                     write_heartbeat(self.run_dir, self.step)
                     beat = time.monotonic()
-                if self.pg.any(self.stop_requested):  # agreed by all ranks, so all stop at this step
+                if self.pg.any(self.stop_flag.requested):  # agreed by all ranks, so all stop at this step
                     path = self.save()
-                    monitor.print(f"{self.stop_signal or 'SIGTERM'}: saved checkpoint {path} at step {self.step}; exiting")
+                    monitor.print(f"{self.stop_flag.name or 'SIGTERM'}: saved checkpoint {path} at step {self.step}; exiting")
                     break
                 metrics = self.train_step()
                 window_n += cfg.train.batch_size
@@ -363,9 +363,8 @@ class Trainer:
                     path = self.save()
                     monitor.print(f"saved checkpoint {path}")
         finally:
-            signal.signal(signal.SIGTERM, previous_handler)
-            signal.signal(signal.SIGINT, previous_int)
-        if self.stop_signal == "SIGINT":  # saved; run_training ends the command as interrupted (130)
+            self.stop_flag.restore()
+        if self.stop_flag.name == "SIGINT":  # saved; run_training ends the command as interrupted (130)
             self.pairing.close()
             monitor.close()
             return
@@ -388,13 +387,6 @@ class Trainer:
             f"{self.step}; lower optim.lr (now {cfg.optim.lr:g}) or set optim.grad_clip, and check the range of the "
             f"data and source points; {last}"
         )
-
-    def _on_sigterm(self, signum, frame) -> None:
-        del frame
-        if self.stop_requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, from the last checkpoint
-        self.stop_requested = True
-        self.stop_signal = signal.Signals(signum).name
 
     def start_potential(self, resumed: bool) -> None:
         """Give the semidiscrete coupling its potential from its source (``sdfm.potential_sources``: a
@@ -704,7 +696,7 @@ def run_training(
                 info(f"{run_dir} is already at step {trainer.step} = train.steps; nothing to train")
             trainer.train()
             pg.any(False)  # leave together: rank 0 may still be writing the last checkpoint
-            if trainer.stop_signal == "SIGINT":
+            if trainer.stop_flag.name == "SIGINT":
                 raise KeyboardInterrupt  # after the ranks left together: the checkpoint is saved
         except BaseException as e:
             if env.is_main and folder.replacing:  # --overwrite, and the new run never checkpointed

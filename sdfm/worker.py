@@ -37,23 +37,10 @@ from sdfm.distributed.env import ProcessGroup, detect, potential_device
 from sdfm.errors import UserError
 from sdfm.monitor import info, set_main_process
 from sdfm.rundir import RunLock, check_dataset, heartbeat_age, potential_dir
-from sdfm.semidiscrete.fit import fit_setup
+from sdfm.semidiscrete.configured import fit_setup
 from sdfm.semidiscrete.fitter import PotentialFitter
 from sdfm.semidiscrete.potential_file import save_potential
-
-
-class _Stop:
-    """Turns SIGTERM/SIGINT into a flag checked between steps."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        del signum, frame
-        self.requested = True
-
+from sdfm.signals import TermFlag
 
 PARENT_VARIABLE = "SDFM_WORKER_PARENT"
 """Set by a trainer that spawns its worker: the trainer's PID, which the worker dies with."""
@@ -191,7 +178,7 @@ def _fit_and_publish(run_dir, cfg, data, device, comm, pg, max_steps: int, log, 
         fitter.load_state_dict(state["fitter"])
         version = int(state["version"])
         log(f"worker: resumed from {state_path} at step {fitter.t}, version {version}")
-    stop = _Stop()
+    stop = TermFlag((signal.SIGTERM, signal.SIGINT))  # checked between steps; the process then exits
     p = cfg.potential
     # The published χ̂² is that of the published potential (the fitter's average), on 4 fresh batches
     # of its own noise: the per-step χ̂² is the last iterate's, which under sgd_tail is far noisier

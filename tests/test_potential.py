@@ -24,9 +24,9 @@ from sdfm.semidiscrete import (
     load_potential,
     save_potential,
 )
+from sdfm.semidiscrete.chi2 import confirming_samples
 from sdfm.semidiscrete.coarse import coarse_start
-from sdfm.semidiscrete.fit import confirming_samples
-from sdfm.semidiscrete.fitter import HIGH_DIM, METHODS, resolve_method
+from sdfm.semidiscrete.methods import HIGH_DIM, METHODS, resolve_method
 
 FITTED = [m for m in METHODS if m != "auto"]  # 'auto' runs one of these (test below)
 
@@ -414,7 +414,7 @@ def test_load_errors_name_the_file_and_the_fix(tmp_path):
 
 
 def test_the_stop_rule_needs_a_confirming_bound_and_its_message_cannot_contradict_itself():
-    from sdfm.semidiscrete.fit import Z_ONE_SIDED_95, describe_chi2
+    from sdfm.semidiscrete.chi2 import Z_ONE_SIDED_95, describe_chi2
 
     # Without an evaluation the fit never stops on its own noisy batches: it runs the whole budget.
     result = fit_potential(
@@ -458,7 +458,8 @@ def test_a_budget_means_what_it_says():
     import sys as _sys
 
     from sdfm.data.synthetic import SETS
-    from sdfm.semidiscrete.fit import DEFAULT_STEPS, FitBudget, fit_potential, step_cap
+    from sdfm.semidiscrete.configured import DEFAULT_STEPS, step_cap
+    from sdfm.semidiscrete.fit import FitBudget, fit_potential
     from sdfm.semidiscrete.fitter import FitterOptions
 
     assert step_cap(None, 30.0) == _sys.maxsize and step_cap(0, None) == DEFAULT_STEPS and step_cap(7, 30.0) == 7

@@ -225,7 +225,8 @@ class SemidiscreteOT:
             >>> sd = sdfm.SemidiscreteOT.fit(torch.randn(5000, 2), max_seconds=10)
             >>> sd.chi2
         """
-        from sdfm.semidiscrete.fit import FitBudget, fit_potential, step_cap
+        from sdfm.semidiscrete.configured import step_cap
+        from sdfm.semidiscrete.fit import FitBudget, fit_potential
         from sdfm.semidiscrete.fitter import FitterOptions
 
         if not target_chi2 > 0 or (max_seconds is not None and not max_seconds > 0):

@@ -6,15 +6,19 @@ One module per concern:
   points with a potential replaced in place; its search ``backends`` (torch, FAISS, Triton); ``pca``.
 - ``problem``: the semi-dual problem, its stochastic gradient and the unbiased χ̂² monitor
   (``softmax``: the ε > 0 assignment).
-- ``fitter``: ``PotentialFitter`` (SGD + EMA, or POT's averaged SGD) and ``FitterOptions``;
-  ``coarse``: its coarse-to-fine start.
-- ``fit``: ``fit_potential`` to a target χ̂² within a ``FitBudget``, ``Chi2Evaluator``, and the config
+- ``fitter``: ``PotentialFitter`` and ``FitterOptions``; ``methods``: one object per fitting method
+  (step and ε schedules, averaging, the potential); ``start``: where a fit starts (``coarse``: the
+  coarse-to-fine start).
+- ``fit``: ``fit_potential``, the loop to a target χ̂² within a ``FitBudget``; ``chi2``: the χ̂²
+  yardstick (``Chi2Evaluator``) and the samples that can confirm a target; ``configured``: the config
   glue (``fit_setup``, ``fit_and_save``).
 - ``potential_file``: the versioned, fingerprinted safetensors file of a potential.
 - ``velocity``: the exact velocity of the SD-OT flow. (The dual-potential worker process is ``sdfm.worker``.)
 """
 
-from sdfm.semidiscrete.fit import Chi2Evaluator, FitBudget, FitResult, fit_and_save, fit_potential, fit_setup
+from sdfm.semidiscrete.chi2 import Chi2Evaluator
+from sdfm.semidiscrete.configured import fit_and_save, fit_setup
+from sdfm.semidiscrete.fit import FitBudget, FitResult, fit_potential
 from sdfm.semidiscrete.fitter import FitterOptions, PotentialFitter
 from sdfm.semidiscrete.index import MatchIndex, TopK, class_partition, reference_argmax
 from sdfm.semidiscrete.pca import PCA

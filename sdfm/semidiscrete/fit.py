@@ -1,10 +1,8 @@
-"""Fitting a potential to a target χ̂² within a budget, the fixed χ̂² yardstick, and the config glue.
+"""The loop of a potential fit: ``fit_potential`` drives a ``PotentialFitter`` until its potential's
+χ̂² confirms the target, or the budget (``FitBudget``) runs out; SIGTERM saves a fit that can continue.
 
-- ``fit_potential``: drive a ``PotentialFitter`` until its potential's χ̂² confirms the target, or the
-  budget (``FitBudget``) runs out.
-- ``Chi2Evaluator``: χ̂² of any potential on the same fixed noise every call (benchmarks, tests).
-- ``fit_setup`` / ``fit_and_save``: what a run's config says about its potential problem, and the one
-  "fit, then save with metadata" of ``sdfm fit-potential`` and of the fit before training.
+The yardstick and its sample sizes are ``sdfm.semidiscrete.chi2``; the config glue (a run's fit, and
+``sdfm fit-potential``) is ``sdfm.semidiscrete.configured``.
 """
 
 from __future__ import annotations
@@ -21,68 +19,14 @@ import torch
 from torch import Tensor
 
 from sdfm.checkpoint import state_from_bytes, state_to_bytes, write_atomic
-from sdfm.config import Config
-from sdfm.data import Dataset
 from sdfm.errors import UserError
-from sdfm.ot.collectives import LOCAL, Collectives
-from sdfm.semidiscrete.fitter import HIGH_DIM, FitterOptions, PotentialFitter
-from sdfm.semidiscrete.potential_file import save_potential
-from sdfm.semidiscrete.problem import SampleSource, SemidiscreteProblem
+from sdfm.semidiscrete.chi2 import Z_ONE_SIDED_95, bound_width, confirming_samples, describe_chi2
+from sdfm.semidiscrete.fitter import FitterOptions, PotentialFitter
+from sdfm.semidiscrete.methods import HIGH_DIM
+from sdfm.semidiscrete.problem import SampleSource
 from sdfm.signals import Interrupted, TermFlag
 
-__all__ = [
-    "Chi2Evaluator",
-    "FitBudget",
-    "FitResult",
-    "FitSetup",
-    "confirming_samples",
-    "fit_and_save",
-    "fit_potential",
-    "fit_setup",
-]
-
-
-class Chi2Evaluator:
-    """One fixed yardstick for potentials: χ̂² on the same ``num_samples`` noise draws every call
-    (reseeded each time), so differences between potentials are not noise differences.
-
-    Args:
-        y, labels, pca_dim, sample_source, device: as for ``PotentialFitter``.
-        epsilon: regularization the potentials are evaluated at.
-        num_samples: noise samples per evaluation (std of χ̂² about sqrt(2N)/num_samples).
-        batch_size: samples scored at a time.
-        seed: seed of the evaluation noise.
-    """
-
-    def __init__(
-        self,
-        y: Tensor,
-        *,
-        epsilon: float = 0.0,
-        labels: Tensor | None = None,
-        pca_dim: int = 0,
-        num_samples: int = 8192,
-        batch_size: int = 1024,
-        seed: int = 1_000_003,
-        sample_source: SampleSource | None = None,
-        device: torch.device | str | None = None,
-    ):
-        self.problem = SemidiscreteProblem(
-            y,
-            labels=labels,
-            pca_dim=pca_dim,
-            backend="torch",
-            device=device,
-            batch_size=batch_size,
-            sample_source=sample_source,
-        )
-        self.epsilon, self.num_samples, self.seed = float(epsilon), num_samples, seed
-        self.n = self.problem.n
-
-    def __call__(self, g: Tensor) -> float:
-        """χ̂² of g (N,)."""
-        generator = torch.Generator(device=self.problem.device).manual_seed(self.seed)
-        return self.problem.evaluate(g, self.epsilon, self.num_samples, generator)
+__all__ = ["FitBudget", "FitInterrupted", "FitResult", "fit_potential"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,24 +85,6 @@ def _default_window(n: int, batch: int, target: float) -> int:
     the target, within [20, 200] so the mean does not lag the fit by too much."""
     need = (4 * math.sqrt(2 * n) / (batch * max(target, 1e-6))) ** 2
     return int(min(200, max(20, math.ceil(need))))
-
-
-def bound_width(n: int, samples: int, groups: int = 8) -> float:
-    """1.645 SE of a converged potential's χ̂² from ``evaluate_with_error`` on ``samples`` samples at
-    N = n: one group of samples / groups estimates χ̂² with noise about sqrt(2N) groups / samples, so
-    SE ≈ sqrt(groups) sqrt(2N) / samples. No target below this can be confirmed with that many."""
-    return Z_ONE_SIDED_95 * math.sqrt(groups) * math.sqrt(2 * n) / samples
-
-
-def confirming_samples(n: int, target: float, batch: int = 1024) -> int:
-    """Noise samples of a confirming evaluation at N = n points: enough that the one-sided 95% bound
-    can reach the target at all, and at most 64 batches (one check must not cost more than a few
-    dozen steps, nor keep a SIGTERM waiting). Asking ``bound_width`` <= target / 2 gives
-    M >= 3.29 sqrt(8) sqrt(2N) / target (N = 20,000, target 0.05: 37,000 samples; the fixed 8,192
-    used before could never confirm 0.05 above N of about 1,000), and at least 8,192. A target that
-    needs more than the cap cannot be confirmed: ``fit_potential`` says so and runs its budget."""
-    need = 2 * bound_width(n, 1) / target
-    return int(min(max(8192, math.ceil(need)), max(8192, 64 * batch)))
 
 
 def fit_potential(
@@ -310,123 +236,7 @@ def fit_potential(
     return FitResult(fitter.potential(), fitter.t, final_chi2, seconds, history, converged, final_se)
 
 
-Z_ONE_SIDED_95 = 1.645
-"""Standard-normal quantile of the one-sided 95% upper bound used by the stop rule."""
-
-
-def describe_chi2(chi2: float, se: float, target: float) -> str:
-    """One phrase stating the confirmed χ̂², its standard error and whether the target was met,
-    in words that cannot contradict each other (the rule is the one-sided 95% bound)."""
-    if math.isnan(se):
-        return f"chi2 {chi2:.4f} (windowed mean of the fit's own batches, not confirmed: eval_samples = 0)"
-    bound = chi2 + Z_ONE_SIDED_95 * se
-    verdict = "target met" if bound <= target else "target not met"
-    return f"chi2 {chi2:.4f} ± {se:.4f} (95% upper bound {bound:.4f}; {verdict}: target {target})"
-
-
 class FitInterrupted(Interrupted):
     """A potential fit stopped by SIGTERM after saving its state (the message says where)."""
 
 
-@dataclass
-class FitSetup:
-    """The potential problem a run's config describes (shared by the worker, the fit before training
-    and ``sdfm fit-potential``, so all three solve the same problem).
-
-    Attributes:
-        options: the fitter's settings ([potential] section; seed = train.seed + 1).
-        budget: the fit's budget (potential.max_steps, target_chi2, max_seconds).
-        labels: (N,) classes for a conditional run, else None.
-        sample_source: the source distribution when it is not standard normal, else None.
-    """
-
-    options: FitterOptions
-    budget: FitBudget
-    labels: Tensor | None
-    sample_source: SampleSource | None
-
-    def fitter(
-        self, y: Tensor, device: torch.device | str | None = None, comm: Collectives = LOCAL
-    ) -> PotentialFitter:
-        """A fresh ``PotentialFitter`` of this problem over the points y (N, d), on ``device``, with
-        every step shared by the ranks of ``comm``."""
-        return PotentialFitter(
-            y, self.options, labels=self.labels, sample_source=self.sample_source, device=device, comm=comm
-        )
-
-
-DEFAULT_STEPS = 5000
-"""The step cap of a fit given neither a step nor a time budget."""
-
-
-def step_cap(max_steps: int | None, max_seconds: float | None) -> int:
-    """The fit's step budget: ``max_steps`` when given; none (a time budget alone binds) when only
-    ``max_seconds`` is; else ``DEFAULT_STEPS``. So ``--potential.max-seconds 30`` runs for 30 s."""
-    if max_steps:
-        return max_steps
-    return sys.maxsize if max_seconds else DEFAULT_STEPS
-
-
-def fit_setup(cfg: Config, data: Dataset) -> FitSetup:
-    """The ``FitSetup`` of a run's config and its data."""
-    p = cfg.potential
-    source = None
-    if cfg.data.source != "normal":
-
-        def source(n: int, gen: torch.Generator) -> Tensor:
-            return data.source.draw(n, data.shape, gen).flatten(1)
-
-    options = FitterOptions(
-        epsilon=p.epsilon,
-        method=p.method,
-        batch_size=p.batch_size,
-        lr=p.lr or None,
-        pca_dim=p.pca_dim,
-        backend=p.index,
-        seed=cfg.train.seed + 1,
-        precision=None if p.precision == "auto" else p.precision,
-        candidates=p.candidates,
-    )
-    max_seconds = p.max_seconds or None
-    budget = FitBudget(max_steps=step_cap(p.max_steps, max_seconds), target_chi2=p.target_chi2, max_seconds=max_seconds)
-    return FitSetup(options, budget, data.labels if cfg.data.conditional else None, source)
-
-
-def fit_and_save(
-    cfg: Config,
-    data: Dataset,
-    path: Path,
-    *,
-    device: torch.device | str | None = None,
-    log: Callable[[str], None] | None = print,
-    state_path: Path | None = None,
-) -> FitResult:
-    """Fit the potential of a run's config over its data on ``device`` (the index, the noise draws and
-    the SGD on g) and save it at ``path`` (version 1, with its χ̂², ε, PCA dimension and the data's
-    fingerprint): ``sdfm fit-potential`` and the fit before training. ``state_path``: where SIGTERM
-    saves an interrupted fit, and where the next call continues it from (deleted once saved)."""
-    setup = fit_setup(cfg, data)
-    result = fit_potential(
-        data.x.flat(),
-        setup.options,
-        setup.budget,
-        labels=setup.labels,
-        sample_source=setup.sample_source,
-        device=device,
-        progress=log is not None,
-        log=log,
-        state_path=state_path,
-    )
-    save_potential(
-        path,
-        result.g,
-        version=1,
-        step=result.steps,
-        epsilon=setup.options.epsilon,
-        chi2=result.chi2,
-        fingerprint=data.fingerprint,
-        pca_dim=setup.options.pca_dim,
-    )
-    if state_path is not None:
-        Path(state_path).unlink(missing_ok=True)
-    return result

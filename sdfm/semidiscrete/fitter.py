@@ -1,44 +1,10 @@
 """The stochastic fitter of the dual potential g of semidiscrete OT (``PotentialFitter``).
 
-Methods (the problem and its gradient: ``sdfm.semidiscrete.problem``; docs/design.md §7 has the
-measurements behind the choice):
-
-- ``auto`` (the default): ``averaged_sgd`` when the matching space has at least ``HIGH_DIM`` (256)
-  dimensions, else ``sgd_tail``. Why (``sdfm bench potential``, one CPU thread; docs/design.md §7):
-  at d = 784 the B x N product dominates a step, so averaged_sgd's softmax step costs about what an
-  argmax step does (Fashion-MNIST 10k: 571 against 535 steps in 240 s) and its lower χ̂² per step
-  makes it 2.4x lower per second there (0.021 against 0.050 at 240 s; tied on the full 60,000).
-  At d <= 64 the B x N exponentials dominate (digits: 1,764 against 4,626 steps in 60 s) and it is
-  tied (digits) or behind (2-D data: 6.1 against 0.052 after 60 s; Fashion-MNIST PCA 64: 0.033
-  against 0.0045 after 240 s). 256 lies between the dimensions measured; it is not tuned.
-- ``sgd_tail`` (sdfm's own formulation of "decreasing steps with averaging"): SGD with a
-  slowly decreasing step lr_t = lr0 / sqrt(1 + t / T0) (T0 = ``decay_steps``, 100) and a
-  polynomial-decay ("tail") average of the iterates, ḡ_t = ḡ_{t-1} + (1 + η)/(t + η) (g_t - ḡ_{t-1})
-  (η = ``tail_power``, 3: iterate s weighs ∝ s^η, so the first half of the fit carries 6% of the
-  weight and the average forgets the transient; Shamir & Zhang 2013). Default lr0 = 4 x sgd_ema's
-  step, min(2 B, 0.4 N) δ. Why: a constant step leaves a noise floor (the EMA below averages only
-  ~1/(1 - ema) steps, i.e. a fixed number of samples, so its χ̂² stops falling: χ̂² ≈ N / samples
-  averaged), while the tail average's window grows with t and the decreasing step removes the
-  constant step's bias, so χ̂² keeps falling with the budget. The larger start shortens the
-  transient from g = 0 (a never-matched point gains lr/N per step).
-- ``sgd_ema`` (as OTT-JAX): plain SGD on g from g0 = 0 with a constant step, and an exponential moving
-  average (0.99, bias-corrected) of the iterates is the potential. Default step:
-  lr = min(0.5 B, 0.1 N) δ, with δ the score width of a typical cell (``problem_scales``). Why: SGD's
-  stationary noise gives the raw iterate χ̂² ≈ lr / (2 B δ_eff) (measured δ_eff ≈ 0.5-1 δ on digits,
-  Fashion-MNIST 10k/PCA-64 and 2-D data), so 0.5 B δ keeps the raw iterate near χ̂² ≈ 0.3-0.5 and its
-  EMA far lower, whatever N; the curvature of F per coordinate is ~1/(N δ), so 0.1 N δ keeps small
-  problems well inside stability (10 steps to relax). A never-matched point gains lr/N per step:
-  with N >> B the transient, not the noise, is what limits a short fit (raise lr there).
-- ``averaged_sgd`` (as POT's ``ot.semidiscrete.solve_semidiscrete``): lr_t = lr0 t^(-2/3),
-  lr0 = min(2 sqrt(N B), 2 N) δ (POT's sqrt(N B) is for costs of unit scale; in units of δ the
-  factor 2 was near the best on digits and Fashion-MNIST 10k/PCA-64, and the 2 N cap avoids a long
-  unstable start on tiny problems), a decreasing regularization ε_t = max(ε, ε0 / sqrt(t)) with
-  ε0 = δ (POT: 0.1 in cost units), and the uniform (Polyak) average of the iterates as the
-  potential. Because ε_t > 0 always, every step is a softmax over all N points (about twice the cost
-  of an argmax step on a CPU).
-
-The start: g = 0, or a coarse problem's potential (``sdfm.semidiscrete.coarse``) where cells are
-narrow (2-D data).
+A fit is SGD on the negated semi-dual (the problem, its gradient and χ̂²: ``sdfm.semidiscrete.problem``)
+run by one method object (``sdfm.semidiscrete.methods``: step and ε schedules, the average of the
+iterates, the potential), from one start (``sdfm.semidiscrete.start``: zero, coarse or Gaussian).
+The loop that drives it to a target within a budget is ``sdfm.semidiscrete.fit``; docs/design.md §7
+has the measurements behind every default.
 """
 
 from __future__ import annotations
@@ -54,29 +20,14 @@ from sdfm.errors import UserError
 from sdfm.ot.collectives import LOCAL, Collectives, share
 from sdfm.semidiscrete.coarse import coarse_start
 from sdfm.semidiscrete.index import Backend, MatchIndex, Precision
+from sdfm.semidiscrete.methods import METHODS, FitMethod, choose_method
 from sdfm.semidiscrete.problem import SampleSource, SemidiscreteProblem
-from sdfm.semidiscrete.schedule import tail_lr, tail_weight
+from sdfm.semidiscrete.start import INITS, Init, choose_start, gaussian_start
 
 Method = Literal["auto", "sgd_tail", "sgd_ema", "averaged_sgd"]
-METHODS = ("auto", "sgd_tail", "sgd_ema", "averaged_sgd")
-Init = Literal["auto", "coarse", "gaussian", "zero"]
-INITS = ("auto", "coarse", "gaussian", "zero")
-
-COARSE_BELOW = 0.01
-"""init='auto' starts from the coarse problem when δ (cell score width) < COARSE_BELOW * s (spread)."""
-HIGH_DIM = 256
-"""method='auto' uses averaged_sgd in a matching space of at least HIGH_DIM dimensions, else sgd_tail."""
 FITTER_FORMAT = "sdfm.potential_fitter/1"
 
-__all__ = ["HIGH_DIM", "METHODS", "FitterOptions", "PotentialFitter", "resolve_method"]
-
-
-def resolve_method(method: str, match_dim: int) -> str:
-    """The method a fit runs: ``method`` itself, or for 'auto' the one that measured best at
-    ``match_dim`` (the dimension of the matching space: the PCA dimension, else d)."""
-    if method != "auto":
-        return method
-    return "averaged_sgd" if match_dim >= HIGH_DIM else "sgd_tail"
+__all__ = ["FitterOptions", "PotentialFitter"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,12 +36,12 @@ class FitterOptions:
 
     Attributes:
         epsilon: entropic regularization of the target problem (0: the hard, Laguerre-cell problem).
-        method: 'auto' (the default: averaged_sgd in a matching space of >= ``HIGH_DIM`` dimensions,
-            else sgd_tail), 'sgd_tail' (decreasing step, tail average), 'sgd_ema' (constant step,
+        method: 'auto' (the default: averaged_sgd in a matching space of >= ``methods.HIGH_DIM``
+            dimensions, else sgd_tail), 'sgd_tail' (decreasing step, tail average), 'sgd_ema' (constant step,
             EMA of the iterates) or 'averaged_sgd' (POT's schedule, ε annealed from δ).
         batch_size: noise samples per step (with labels, split across classes, at least 2 each).
-        lr: step size (sgd_ema) or lr0 (sgd_tail, averaged_sgd); None: the default of the module
-            docstring (``PotentialFitter.lr`` holds the value used).
+        lr: step size (sgd_ema) or lr0 (sgd_tail, averaged_sgd); None: the method's default
+            (``FitMethod.default_lr``; ``PotentialFitter.lr`` holds the value used).
         ema: decay of the iterate average for sgd_ema.
         tail_power: η of sgd_tail's average (0: the uniform average of every iterate).
         decay_steps: T0 of sgd_tail's step, lr0 / sqrt(1 + t / T0).
@@ -99,10 +50,8 @@ class FitterOptions:
         seed: seed of the fitter's generator (all noise comes from it).
         eps0: initial regularization of averaged_sgd's schedule (None: δ, the cell score width).
         init: 'coarse' (start from ``coarse_start`` of each class block, computed at the first step),
-            'zero' (g = 0), or 'auto': coarse when a cell's score width is under 1% of the spread of
-            the scores (δ / s: ~1e-4 for 20,000 2-D points, where it turns a minute's χ̂² from ~40
-            into ~1; ~0.2 for digits and Fashion-MNIST, where g = 0 is as good and the coarse start
-            only costs time).
+            'gaussian' (``gaussian_start``), 'zero' (g = 0), or 'auto' (``choose_start``: coarse where
+            a cell's score width is under 1% of the spread of the scores, 2-D data; else zero).
         clusters: K of the coarse start (None: min(1024, N / 16)).
         precision: of the matching index's products (None: ``default_precision``, 16-bit for
             the torch index on CUDA, fp32 elsewhere; 16-bit answers are rescored and certified exact).
@@ -148,7 +97,7 @@ class FitterOptions:
 
 
 class PotentialFitter:
-    """Stateful stochastic solver of the semi-dual (see the module docstring for the methods).
+    """Stateful stochastic solver of the semi-dual (the methods: ``sdfm.semidiscrete.methods``).
 
     Args:
         y: (N, d) data points (flattened).
@@ -164,8 +113,8 @@ class PotentialFitter:
     Attributes:
         problem: the ``SemidiscreteProblem``; n: N; batch_size: noise samples per step.
         lr, eps0: the step size and averaged_sgd's initial regularization in use.
-        method, init: the method and start in use ('auto' resolved; init 'coarse', 'gaussian' or
-            'zero').
+        method, init: the names of the method and start in use ('auto' resolved; init 'coarse',
+            'gaussian' or 'zero'); rule: the method object (``FitMethod``).
         t: steps taken; g: the last iterate; g_avg: the running average (``potential()``): the EMA
             (sgd_ema), the tail average (sgd_tail) or the uniform average (averaged_sgd).
     """
@@ -196,31 +145,23 @@ class PotentialFitter:
         )
         p = self.problem
         self.n, self.epsilon, self.ema = p.n, float(o.epsilon), o.ema
-        self.method = resolve_method(o.method, p.index.match_dim)
+        self.rule: FitMethod = choose_method(
+            o.method, p.index.match_dim, ema=o.ema, decay_steps=o.decay_steps, tail_power=o.tail_power
+        )
+        self.method = self.rule.name
         self.batch_size = p.total_batch
         delta = p.cell_scale
-        lr = o.lr
-        if lr is None:
-            if self.method == "sgd_ema":
-                lr = min(0.5 * p.total_batch, 0.1 * p.n) * delta
-            elif self.method == "sgd_tail":
-                lr = min(2.0 * p.total_batch, 0.4 * p.n) * delta
-            else:
-                lr = min(2.0 * math.sqrt(p.n * p.total_batch), 2.0 * p.n) * delta
-        self.lr = float(lr)
+        self.lr = float(self.rule.default_lr(p.n, p.total_batch, delta) if o.lr is None else o.lr)
         self.eps0 = delta if o.eps0 is None else float(o.eps0)
         self.generator = torch.Generator(device=p.device).manual_seed(o.seed)
         self.g = torch.zeros(p.n, device=p.device)
         self.g_avg = torch.zeros(p.n, device=p.device)
         self.t = 0
         self.clusters = min(1024, p.n // 16) if o.clusters is None else o.clusters
-        init = o.init
-        if init == "auto":
-            init = "coarse" if p.cell_scale < COARSE_BELOW * p.score_scale else "zero"
-        self.init = init
-        self._coarse_pending = init == "coarse"  # done at the first step, not for a resumed fitter
-        if init == "gaussian":
-            self._gaussian_start()
+        self.init = choose_start(o.init, p.cell_scale, p.score_scale)
+        self._coarse_pending = self.init == "coarse"  # done at the first step, not for a resumed fitter
+        if self.init == "gaussian":
+            self.g.copy_(gaussian_start(p.index.data_keys(p.y), p.rows))
 
     def _coarse_start(self) -> None:
         """g <- ``coarse_start`` of each class block (the blocks are independent problems)."""
@@ -234,26 +175,6 @@ class PotentialFitter:
                 keys[rows], lambda: p.draw(gen), gen, clusters=max(1, round(self.clusters * len(rows) / p.n))
             )
 
-    def _gaussian_start(self) -> None:
-        """g <- the dual potential of the Brenier map onto the moment-matched Gaussian of each class.
-
-        For data y ~ N(m, Σ) and standard-normal noise, the optimal map is x -> m + Σ^(1/2) x and its
-        semi-dual potential is g(y) = -(y - m)^T Σ^(-1/2) (y - m) / 2 (argmax_y <x, y> + g(y) is then
-        exactly m + Σ^(1/2) x). Σ's eigenvalues are floored at 1e-3 of their mean (images have a
-        singular covariance).
-        """
-        p = self.problem
-        keys = p.index.data_keys(p.y)
-        for rows in p.rows:
-            k = keys[rows].double()
-            centered = k - k.mean(0)
-            cov = centered.T @ centered / max(1, len(rows) - 1)
-            vals, vecs = torch.linalg.eigh(cov)
-            vals = vals.clamp_min(1e-3 * float(vals.mean().clamp_min(1e-30)))
-            inv_sqrt = (vecs * vals.rsqrt()) @ vecs.T
-            g = -0.5 * ((centered @ inv_sqrt) * centered).sum(1)
-            self.g[rows] = (g - g.mean()).float()
-
     @property
     def index(self) -> MatchIndex:
         """The matching index of the fit (its bias is the last iterate used for an ε = 0 step)."""
@@ -261,15 +182,11 @@ class PotentialFitter:
 
     def epsilon_at(self, t: int) -> float:
         """Regularization used at step t (1-based)."""
-        if self.method == "averaged_sgd":
-            return max(self.epsilon, self.eps0 / math.sqrt(t))
-        return self.epsilon
+        return self.rule.epsilon_at(self.epsilon, self.eps0, t)
 
     def lr_at(self, t: int) -> float:
         """Step size at step t (1-based)."""
-        if self.method == "sgd_tail":
-            return tail_lr(self.lr, t, self.options.decay_steps)
-        return self.lr * t ** (-2.0 / 3.0) if self.method == "averaged_sgd" else self.lr
+        return self.rule.lr_at(self.lr, t)
 
     def step(self) -> dict[str, float]:
         """One SGD step on a fresh noise batch.
@@ -291,28 +208,16 @@ class PotentialFitter:
             col_sq = col_sum if eps <= 0 else self.comm.reduce_sum(col_sq)
         chi2 = self.problem.chi2(col_sum, col_sq)
         self.g.sub_(lr * self.problem.gradient(col_sum))
-        if self.method == "sgd_ema":
-            self.g_avg.mul_(self.ema).add_(self.g, alpha=1 - self.ema)
-        elif self.method == "sgd_tail":
-            self.g_avg.add_(self.g - self.g_avg, alpha=tail_weight(t, self.options.tail_power))
-        else:
-            self.g_avg.add_((self.g - self.g_avg) / t)
+        self.rule.average(self.g_avg, self.g, t)
         self.t = t
         return {"step": t, "chi2": chi2, "epsilon": eps, "lr": lr}
 
     def potential(self) -> Tensor:
-        """(N,) float32 potential to use: the EMA (sgd_ema), the tail average (sgd_tail) or the
-        uniform average (averaged_sgd).
-
-        The EMA is bias-corrected (divided by 1 - ema^t, as Adam does): started at g0 = 0 it is then
-        the weighted average of the iterates so far instead of being pulled towards 0 for the first
-        ~1/(1 - ema) steps.
-        """
+        """(N,) float32 potential to use: the method's average of the iterates (``FitMethod.potential``:
+        the bias-corrected EMA, the tail average or the uniform average); the start before any step."""
         if self.t == 0:
             return self.g.clone()  # the start (zero, Gaussian or coarse)
-        if self.method == "sgd_ema":
-            return self.g_avg / (1 - self.ema**self.t)
-        return self.g_avg.clone()
+        return self.rule.potential(self.g_avg, self.t)
 
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: iterates, step count and the generator's state."""
