@@ -8,6 +8,24 @@ os.environ.setdefault("KEOPS_CACHE_FOLDER", str(ROOT / ".cache" / "keops"))
 os.environ.setdefault("SDFM_CACHE", str(ROOT / ".cache" / "sdfm"))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+"""The pytest-xdist worker running this process ('gw0', 'gw1', ...; '' without xdist)."""
+if WORKER:
+    # Parallel workers (launch/test.sh runs one per core):
+    # - one thread each, inherited by the processes they start: two OpenMP pools spin-waiting on two
+    #   cores make a test many times slower (see ``one_thread``);
+    # - a KeOps build folder each, since two KeOps compilations into one folder corrupt each other
+    #   (the tests that compile are grouped onto one worker, so nothing is compiled twice).
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    os.environ["KEOPS_CACHE_FOLDER"] = str(Path(os.environ["KEOPS_CACHE_FOLDER"]) / WORKER)
+
+
+def pytest_configure(config):
+    if WORKER:
+        import torch
+
+        torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="module")
 def one_thread():

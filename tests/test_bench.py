@@ -16,6 +16,9 @@ from sdfm.bench.potential import PotentialBench
 from sdfm.bench.sinkhorn import reference_sinkhorn
 from sdfm.ot.sinkhorn import SinkhornOptions, sinkhorn
 
+# KeOps compiles here: these tests share one pytest-xdist worker (and its KeOps build folder).
+pytestmark = pytest.mark.xdist_group("keops")
+
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory, one_thread):
@@ -24,23 +27,18 @@ def toy(tmp_path_factory, one_thread):
     return json.loads(path.read_text())
 
 
-def test_sinkhorn_figures_follow_from_the_times(toy):
+def test_sinkhorn_rows_report_their_median_and_every_peer(toy):
     timed = {r["method"]: r for r in toy["sinkhorn"] if "s_per_iter" in r}
     assert "sdfm torch" in timed and "pot sinkhorn_log" in timed, toy["sinkhorn"]
-    peak = toy["peak_flops"]
     for r in timed.values():
-        assert r["total_s"] == pytest.approx(statistics.median(r["times_s"]))
+        assert r["total_s"] == pytest.approx(statistics.median(r["times_s"]))  # the median run, not the mean
         assert r["s_per_iter"] == pytest.approx(r["total_s"] / r["iters"])
-        assert r["tflops"] == pytest.approx(4 * r["n"] ** 2 * r["d"] / r["s_per_iter"] / 1e12)
-        assert r["peak_share"] == pytest.approx(r["tflops"] * 1e12 / peak)
-        assert max(r["row_err"], r["col_err"]) < 1.0
+        assert 0 < r["peak_share"] and max(r["row_err"], r["col_err"]) < 1.0
     ours = timed["sdfm torch"]
     assert "f64_dev" in ours and ours["cpu_util"] > 0 and "pot sinkhorn_log" in ours["vs_peers"]
-    for name, ratio in ours["vs_peers"].items():
-        assert ratio == pytest.approx(timed[name]["s_per_iter"] / ours["s_per_iter"]), name
 
 
-def test_matching_figures_follow_from_the_times(toy):
+def test_matching_rows_report_their_median_and_every_peer(toy):
     timed = {label(r["method"], r["precision"]): r for r in toy["match"] if "seconds" in r}
     for method in (
         "sdfm-torch fp32",
@@ -53,17 +51,38 @@ def test_matching_figures_follow_from_the_times(toy):
         r = timed[method]
         assert r["seconds"] == pytest.approx(statistics.median(r["times_s"]))
         assert r["queries_per_s"] == pytest.approx(r["B"] / r["seconds"])
-        assert r["tflops"] == pytest.approx(2 * r["B"] * r["N"] * r["d"] / r["seconds"] / 1e12)
-        assert r["peak_share"] == pytest.approx(r["tflops"] * 1e12 / toy["peak_flops"])
-        assert "f64_agree" in r and r["cpu_util"] > 0
+        assert 0 < r["peak_share"] and "f64_agree" in r and r["cpu_util"] > 0
     for method in ("sdfm-torch fp32", "sdfm-torch bf16", "sdfm-faiss fp32"):
-        ours = timed[method]
-        assert set(ours["vs_peers"]) == {"faiss-flat", "faiss-fp16", "torch-matmul"}
-        for name, ratio in ours["vs_peers"].items():
-            assert ratio == pytest.approx(timed[name]["seconds"] / ours["seconds"]), (method, name)
+        assert set(timed[method]["vs_peers"]) == {"faiss-flat", "faiss-fp16", "torch-matmul"}
     train = toy["train_step"]
-    assert train["match_share"] == pytest.approx(train["match_s"] / (train["match_s"] + train["step_s"]))
+    assert 0 < train["match_share"] < 1 and train["match_s"] > 0 and train["step_s"] > 0
     assert math.isfinite(toy["peak_flops"]) and "measured fp32 GEMM peak" in toy["peak"]
+
+
+def test_throughput_figures_are_the_known_answers_of_hand_timed_rows():
+    """The formulas against answers worked out by hand (a changed flop count, a ratio turned upside
+    down or a peer from another cell fails this; re-deriving the formula in the test would not)."""
+    sk = [
+        {"method": "sdfm torch", "s_per_iter": 0.02},
+        {"method": "pot sinkhorn_log", "s_per_iter": 0.05},
+        {"method": "geomloss (5 its, eps-scaling)", "s_per_iter": 0.01},
+        {"method": "sdfm keops", "skipped": "not installed"},
+    ]
+    suite.sinkhorn_figures(sk, n=1000, d=50, peak=1e12)
+    # An iteration: 4 n² d = 2e8 flop; in 0.02 s that is 1e10 flop/s = 0.01 TFLOP/s, 1% of 1e12.
+    assert sk[0]["tflops"] == pytest.approx(0.01) and sk[0]["peak_share"] == pytest.approx(0.01)
+    assert sk[1]["tflops"] == pytest.approx(0.004) and "flops_note" in sk[1]
+    assert sk[0]["vs_peers"] == pytest.approx({"pot sinkhorn_log": 2.5, "geomloss (5 its, eps-scaling)": 0.5})
+    assert "vs_peers" not in sk[1] and "tflops" not in sk[3]
+    mt = [
+        {"method": "sdfm-torch", "B": 100, "N": 1000, "d": 50, "seconds": 0.01},
+        {"method": "faiss-flat", "B": 100, "N": 1000, "d": 50, "seconds": 0.03},
+        {"method": "faiss-flat", "B": 200, "N": 1000, "d": 50, "seconds": 0.001},  # another cell
+    ]
+    suite.match_figures(mt, peak=1e12)
+    # 2 B N d = 1e7 flop in 0.01 s: 1e9 flop/s = 0.001 TFLOP/s.
+    assert mt[0]["tflops"] == pytest.approx(0.001) and mt[0]["peak_share"] == pytest.approx(0.001)
+    assert mt[0]["vs_peers"] == pytest.approx({"faiss-flat": 3.0})
 
 
 def test_rows_that_cannot_run_here_say_why(toy):

@@ -17,7 +17,9 @@ from sdfm.ot.sinkhorn import SinkhornOptions, sinkhorn
 from sdfm.semidiscrete.index import MatchIndex, reference_argmax
 
 DEADLINE_S = 90.0
-pytestmark = pytest.mark.timeout(4 * DEADLINE_S)  # a backstop: run_local itself kills a launch at DEADLINE_S
+# A backstop timeout (run_local itself kills a launch at DEADLINE_S); KeOps compiles here, so these
+# tests share one pytest-xdist worker (and its KeOps build folder).
+pytestmark = [pytest.mark.timeout(4 * DEADLINE_S), pytest.mark.xdist_group("keops")]
 # Rows per rank: uneven, and with 3 ranks one rank holds none.
 ROWS = {2: [37, 27], 3: [30, 0, 34]}
 # Data points per shard (matching), queries per rank.

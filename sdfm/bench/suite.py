@@ -242,18 +242,25 @@ def _sinkhorn_rows(w: Workload, args: SuiteBench, peak: float) -> list[dict]:
             device=args.device,
         )
         group = sinkhorn.run(options)
-        for r in group:
-            if "s_per_iter" in r:
-                r["tflops"] = 4 * n * n * d / r["s_per_iter"] / 1e12
-                r["peak_share"] = r["tflops"] * 1e12 / peak
-                if r["method"].startswith("pot"):
-                    r["flops_note"] = "effective: POT computes the cost once per solve, not per iteration"
-        peers = _peers_of(group, ("pot", "geomloss", "flash-sinkhorn"), "s_per_iter")
-        for r in group:
-            if r["method"].startswith("sdfm") and "s_per_iter" in r:
-                r["vs_peers"] = {name: p["s_per_iter"] / r["s_per_iter"] for name, p in peers.items()}
+        sinkhorn_figures(group, n, d, peak)
         rows += group
     return rows
+
+
+def sinkhorn_figures(group: list[dict], n: int, d: int, peak: float) -> None:
+    """Add to the timed rows of one n x n, d-dimensional Sinkhorn size: 'tflops' (an iteration is two
+    log-sum-exp passes over the n² costs, each cost a d-dimensional product: 4 n² d flop), 'peak_share'
+    of ``peak`` flop/s, and for sdfm rows 'vs_peers' (peer seconds / sdfm seconds: > 1 is faster)."""
+    for r in group:
+        if "s_per_iter" in r:
+            r["tflops"] = 4 * n * n * d / r["s_per_iter"] / 1e12
+            r["peak_share"] = r["tflops"] * 1e12 / peak
+            if r["method"].startswith("pot"):
+                r["flops_note"] = "effective: POT computes the cost once per solve, not per iteration"
+    peers = _peers_of(group, ("pot", "geomloss", "flash-sinkhorn"), "s_per_iter")
+    for r in group:
+        if r["method"].startswith("sdfm") and "s_per_iter" in r:
+            r["vs_peers"] = {name: p["s_per_iter"] / r["s_per_iter"] for name, p in peers.items()}
 
 
 def _match_rows(w: Workload, args: SuiteBench, peak: float) -> list[dict]:
@@ -270,6 +277,14 @@ def _match_rows(w: Workload, args: SuiteBench, peak: float) -> list[dict]:
         methods=[m for m in match.METHODS if m != "bf16-raw"],  # a reference of the mismatch, not a peer
     )
     rows = match.run(options)
+    match_figures(rows, peak)
+    return rows
+
+
+def match_figures(rows: list[dict], peak: float) -> None:
+    """Add to the timed matching rows: 'tflops' (B queries against N keys of d dimensions: 2 B N d
+    flop), 'peak_share' of ``peak`` flop/s, and for sdfm rows 'vs_peers' against the peers of the same
+    (N, B) cell (peer seconds / sdfm seconds)."""
     for r in rows:
         if "seconds" in r:
             r["tflops"] = 2 * r["B"] * r["N"] * r["d"] / r["seconds"] / 1e12
@@ -279,7 +294,6 @@ def _match_rows(w: Workload, args: SuiteBench, peak: float) -> list[dict]:
             cell = [p for p in rows if (p["N"], p["B"]) == (r["N"], r["B"])]
             peers = _peers_of(cell, match.PEERS, "seconds")
             r["vs_peers"] = {name: p["seconds"] / r["seconds"] for name, p in peers.items()}
-    return rows
 
 
 def train_step(t: TrainStep, device: torch.device, repeats: int) -> dict:
