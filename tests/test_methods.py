@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_sdfm
 from test_train import tiny_config  # tests/ is on sys.path (pytest prepend mode)
 
 from sdfm.couplings.exact import ExactOTCoupling
@@ -344,10 +343,7 @@ def test_data_to_data_source_is_sampled_with_replacement_and_resumes_exactly(tmp
 # ------------------------------------------------------------------------------ bad input (CLI)
 
 
-def sdfm(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "sdfm", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
+sdfm = run_sdfm  # conftest.run_sdfm: the CLI in this process (no interpreter start per command)
 
 
 def _one_line_error(r, *needles):

@@ -3,7 +3,6 @@ a pack that resumes exactly, and every bad input refused with one line and nothi
 
 import errno
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import train_run
+from conftest import run_sdfm, train_run
 from safetensors import safe_open
 
 from sdfm.config import Config, DataConfig
@@ -279,10 +278,9 @@ def test_verify_finds_damage_the_sample_check_does_not_see(tmp_path):
 def test_data_commands(tmp_path):
     x, labels = _images(30)
     np.savez(tmp_path / "a.npz", x=x, labels=labels)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def sdfm(*args):
-        return subprocess.run([sys.executable, "-m", "sdfm", "data", *args], capture_output=True, text=True, env=env, timeout=120)
+        return run_sdfm("data", *args)  # the CLI in this process
 
     out = tmp_path / "a.safetensors"
     r = sdfm("pack", str(tmp_path / "a.npz"), str(out))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_run
+from conftest import run_sdfm, train_run
 
 from sdfm.config import Config
 
@@ -66,16 +66,15 @@ def test_loss_decreases_on_moons(tmp_path):
 # ----------------------------------------------------------------------------------- the CLI
 
 
-def sdfm(*args, cwd=None, timeout=300):
+def sdfm_process(*args, timeout=300):
+    """``python -m sdfm ARGS`` in a new process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "sdfm", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=timeout,
+        [sys.executable, "-m", "sdfm", *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout
     )
+
+
+sdfm = run_sdfm  # the same commands in this process (conftest.run_sdfm): refusals take no interpreter start
 
 
 TINY = [
@@ -102,7 +101,7 @@ TINY = [
 @pytest.mark.slow
 def test_train_sample_eval_end_to_end(tmp_path):
     run = tmp_path / "run"
-    r = sdfm(
+    r = sdfm_process(  # the real entry point once; the commands after it run in this process
         "train",
         "--config",
         ROOT / "launch/configs/default.toml",

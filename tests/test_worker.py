@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_sdfm
 
 from sdfm import config as config_mod
 from sdfm.checkpoint import state_from_bytes
@@ -215,10 +216,7 @@ def test_conditional_semidiscrete_pairs_never_cross_classes(tmp_path):
     assert torch.equal(t.data.labels[pairs.index], t.data.labels[idx])
 
 
-def _sdfm(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "sdfm", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
+_sdfm = run_sdfm  # conftest.run_sdfm: the CLI in this process (no interpreter start per command)
 
 
 @pytest.mark.slow
