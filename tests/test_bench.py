@@ -236,6 +236,7 @@ def test_potential_bench_snapshots_at_step_counts(tmp_path):
         assert [r["steps"] for r in m["rows"]] == [3, 6]
         assert [r["samples"] for r in m["rows"]] == [768, 1536]
         assert m["rows"][1]["products"] == 1536 * 1797 * 64
+        assert all(math.isfinite(r["over_floor"]) for r in m["rows"])
 
 
 def test_quality_cells_and_the_cpu_unet_preset(tmp_path):

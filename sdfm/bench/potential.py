@@ -32,7 +32,9 @@ GPU node this is the multi-GPU worker's scaling; on one CPU it shows what the co
 
 ``--at-steps 100 200 400 800`` snapshots at step counts instead of times: χ̂² against the noise samples
 (steps x batch) and the B x N x d products spent, whatever a step costs on the machine; every row
-prints both. POT then runs once with each iteration count.
+prints both. POT then runs once with each iteration count. The "x floor" column is χ̂² x samples / N:
+how far a potential is above N / samples, the least χ̂² that a fit from that many independent
+one-hot samples reaches (docs/design.md §7); ``--tail-power`` sets sgd_tail's η.
 
 Run: ``sdfm bench potential`` (digits, 60 s per method), or e.g.
 ``sdfm bench potential --data moons --points 20000 --at 5 30 60 240 --threads 1 --eval-samples 65536``.
@@ -88,6 +90,8 @@ class PotentialBench:
     whatever a step costs (POT runs once with each count). Overrides --at and --budget."""
     batch_size: int = 1024
     """Noise samples per step (all methods)."""
+    tail_power: float = 3.0
+    """η of sgd_tail's average (iterate s weighs ∝ s^η; 0: uniform)."""
     epsilon: float = 0.0
     """Target entropic regularization."""
     eval_samples: int = 8192
@@ -142,7 +146,9 @@ def _run_sdfm(
     """Fit until the last of ``_marks``, snapshotting ``potential()`` at each mark without stopping the
     clock. With several ranks, rank 0's clock is broadcast at every step, so all ranks step, snapshot
     and stop together."""
-    options = FitterOptions(method=method, epsilon=args.epsilon, batch_size=args.batch_size, seed=args.seed)
+    options = FitterOptions(
+        method=method, epsilon=args.epsilon, batch_size=args.batch_size, seed=args.seed, tail_power=args.tail_power
+    )
     fitter = PotentialFitter(keys, options, comm=comm)
     info = {
         "lr": fitter.lr,
@@ -248,7 +254,11 @@ def _main(args: PotentialBench) -> int:
     )
     chi2_zero = evaluator(torch.zeros(n))
     print(f"chi2 of g = 0: {chi2_zero:.4f}")
-    header = f"{'method':<18} {'steps':>7} {'samples':>10} {'BNd products':>13} {'seconds':>8} {'chi2':>9}"
+    # x floor: χ̂² in units of N / samples, the least any fit reaches from that many one-hot samples
+    # (docs/design.md §7, "How many samples a fit needs"); 1 would be a perfect fit of its samples.
+    header = (
+        f"{'method':<18} {'steps':>7} {'samples':>10} {'BNd products':>13} {'seconds':>8} {'chi2':>9} {'x floor':>8}"
+    )
     print(header)
     print("-" * len(header))
     results = []
@@ -260,9 +270,10 @@ def _main(args: PotentialBench) -> int:
             row["chi2"] = evaluator(g)
             row["samples"] = row["steps"] * args.batch_size  # noise samples drawn
             row["products"] = row["samples"] * n * d  # multiply-adds of scoring them against all N points
+            row["over_floor"] = row["chi2"] * row["samples"] / n
             print(
                 f"{label:<18} {row['steps']:>7} {row['samples']:>10} {row['products']:>13.3g} "
-                f"{row['seconds']:>8.2f} {row['chi2']:>9.4f}"
+                f"{row['seconds']:>8.2f} {row['chi2']:>9.4f} {row['over_floor']:>8.2f}"
             )
         reached = next((r for r in rows if r["chi2"] <= args.target), None)
         clusters = None
