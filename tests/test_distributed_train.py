@@ -79,12 +79,17 @@ def run(cmd: list[str], timeout: int = JOB_TIMEOUT) -> subprocess.CompletedProce
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def single_process(run_dir: Path, kind: str, steps: int, extra: tuple[str, ...] = ()) -> Trainer:
-    """The reference: the same job in this process (one rank)."""
+def parse_train(args: list[str]) -> Config:
+    """The config ``sdfm train ARGS`` would train."""
     from sdfm.cli import parse
 
+    return parse(["train", *args]).cfg
+
+
+def single_process(run_dir: Path, kind: str, steps: int, extra: tuple[str, ...] = ()) -> Trainer:
+    """The reference: the same job in this process (one rank)."""
     args = [*OVERRIDES, "--coupling.kind", kind, "--train.steps", str(steps), *extra]
-    cfg: Config = config_mod.validate(parse(["train", *args]).cfg)
+    cfg: Config = config_mod.validate(parse_train(args))
     prepare_run_dir(run_dir, cfg, resume=False, overwrite=False)
     trainer = Trainer(cfg, run_dir)
     trainer.start_potential(resumed=False)
@@ -142,9 +147,17 @@ def test_sharded_matching_index_matches_single_process(tmp_path, conditional):
     assert_same_weights(final_weights(tmp_path / "ddp"), dict(ref.model.state_dict()))
 
 
-def test_accelerate_launch_matches_single_process(tmp_path):
-    """`accelerate launch` (its torchrun launcher, 2 CPU processes) runs the same DDP job."""
-    ref = single_process(tmp_path / "one", "exact", 20)
+def test_accelerate_launch_matches_single_process_then_resumes_onto_more_ranks(tmp_path):
+    """`accelerate launch` (its torchrun launcher, 2 CPU processes) runs the same DDP job: 20 steps equal
+    20 steps in one process; then torchrun resumes that run onto 3 ranks, and its 20 more steps equal
+    40 steps in one process (one 2-rank job serves both checks)."""
+    cfg = config_mod.validate(parse_train([*OVERRIDES, "--coupling.kind", "exact", "--train.steps", "40"]))
+    prepare_run_dir(tmp_path / "one", cfg, resume=False, overwrite=False)
+    ref = Trainer(cfg, tmp_path / "one")
+    ref.start_potential(resumed=False)
+    ref.train(until=20)
+    ref_20 = {k: v.clone() for k, v in ref.model.state_dict().items()}
+    ref.train()
     config = Path(__file__).resolve().parents[1] / "launch" / "accelerate" / "cpu-2proc.yaml"
     cmd = [
         sys.executable,
@@ -159,6 +172,11 @@ def test_accelerate_launch_matches_single_process(tmp_path):
     proc = run([*cmd, "--train.steps", "20"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "over 2 ranks (24 each)" in proc.stderr
+    assert_same_weights(final_weights(tmp_path / "acc"), ref_20)
+    # The resumed job reads RUN/config.toml; only train.steps changes (a constant lr schedule).
+    second = run(torchrun(3, tmp_path / "acc", "--coupling.kind", "exact", "--train.steps", "40"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "written by 2 rank(s), resuming on 3" in second.stderr
     assert_same_weights(final_weights(tmp_path / "acc"), dict(ref.model.state_dict()))
 
 
@@ -174,18 +192,6 @@ def test_worker_potential_reaches_every_rank(tmp_path):
     assert proc.stderr.count("potential: started worker pid") == 1  # rank 0 only
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["potential_version"] > 0
-
-
-def test_resume_onto_more_ranks(tmp_path):
-    """20 steps on 2 ranks, then 20 more on 3, equal 40 steps in one process."""
-    ref = single_process(tmp_path / "one", "exact", 40)
-    first = run(torchrun(2, tmp_path / "ddp", "--coupling.kind", "exact", "--train.steps", "20"))
-    assert first.returncode == 0, first.stderr[-3000:]
-    # The resumed job reads RUN/config.toml; only train.steps changes (a constant lr schedule).
-    second = run(torchrun(3, tmp_path / "ddp", "--coupling.kind", "exact", "--train.steps", "40"))
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "written by 2 rank(s), resuming on 3" in second.stderr
-    assert_same_weights(final_weights(tmp_path / "ddp"), dict(ref.model.state_dict()))
 
 
 def _children(pid: int) -> list[int]:
@@ -209,7 +215,7 @@ def _wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, step: int, timeo
 def test_killed_rank_restarts_from_last_checkpoint(tmp_path):
     """SIGKILL one rank mid-run: torchrun restarts the group, which resumes and finishes the run with the
     weights of an uninterrupted one."""
-    steps = 200
+    steps = 120  # the kill comes after step 30: 90 steps (several seconds) of margin before the end
     ref = single_process(tmp_path / "one", "independent", steps)
     run_dir = tmp_path / "ddp"
     cmd = torchrun(2, run_dir, "--coupling.kind", "independent", "--train.steps", str(steps), max_restarts=1)
