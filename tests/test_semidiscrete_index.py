@@ -3,6 +3,8 @@ top-k and softmax sampling, bad input."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -10,7 +12,13 @@ from sdfm.errors import UserError
 from sdfm.semidiscrete import MatchIndex, reference_argmax
 
 N, D, B, CLASSES = 2000, 16, 100, 5
-BACKENDS = ["torch", "faiss"]
+HAS_FAISS = importlib.util.find_spec("faiss") is not None
+BACKENDS = [
+    "torch",
+    pytest.param(
+        "faiss", marks=pytest.mark.skipif(not HAS_FAISS, reason="FAISS is an extra: pip install -e '.[cpu]'")
+    ),
+]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
