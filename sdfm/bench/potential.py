@@ -92,6 +92,8 @@ class PotentialBench:
     """Noise samples per step (all methods)."""
     tail_power: float = 3.0
     """η of sgd_tail's average (iterate s weighs ∝ s^η; 0: uniform)."""
+    init: Literal["auto", "coarse", "gaussian", "zero"] = "auto"
+    """Start of every sdfm fit (auto: coarse where cells are narrow, 2-D data; else zero)."""
     epsilon: float = 0.0
     """Target entropic regularization."""
     eval_samples: int = 8192
@@ -147,7 +149,12 @@ def _run_sdfm(
     clock. With several ranks, rank 0's clock is broadcast at every step, so all ranks step, snapshot
     and stop together."""
     options = FitterOptions(
-        method=method, epsilon=args.epsilon, batch_size=args.batch_size, seed=args.seed, tail_power=args.tail_power
+        method=method,
+        epsilon=args.epsilon,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        tail_power=args.tail_power,
+        init=args.init,
     )
     fitter = PotentialFitter(keys, options, comm=comm)
     info = {
