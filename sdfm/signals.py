@@ -1,7 +1,9 @@
-"""SIGTERM as a flag that long loops check between steps, and the exception of a loop it stopped.
+"""Signals (SIGTERM, and Ctrl-C's SIGINT where a loop takes it) as a flag that long loops check between
+steps, and the exception of a loop it stopped.
 
-The potential fit, the learned schedule's fit and the training loop stop at a step boundary instead of
-dying mid-write: they save what can be continued (the fit's state, a checkpoint) and say so.
+The potential fit, the learned schedule's fit, the worker and the training loop stop at a step
+boundary instead of dying mid-write: they save what can be continued (the fit's state, a checkpoint)
+and say so.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class TermFlag:
     def restore(self) -> None:
         """Put back the handlers that were there before ``install``."""
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(sig, handler)
         self.previous = {}
 
     def __enter__(self) -> TermFlag:

@@ -320,9 +320,10 @@ class Trainer:
     def train(self, until: int | None = None) -> None:
         """Run from ``self.step`` to ``train.steps`` (or stop early after step ``until``, as a preempted
         job would), logging and checkpointing on the way. On SIGTERM or SIGINT (Ctrl-C), every rank stops
-        at the same step boundary and rank 0 saves it; SIGINT then ends the command as interrupted (exit
-        130), with nothing lost. On SIGTERM, every rank stops at the same step
-        boundary and rank 0 saves it."""
+        at the same step boundary and rank 0 saves it. After SIGTERM this returns (a preempted job exits
+        0); after SIGINT the ranks leave together and it raises ``KeyboardInterrupt``, so every caller
+        (``sdfm train`` exits 130, a benchmark stops) ends with nothing lost. A second Ctrl-C stops at
+        once, from the last checkpoint."""
         cfg, main = self.cfg, self.pg.env.is_main
         until = cfg.train.steps if until is None else min(until, cfg.train.steps)
         monitor = Monitor(self.run_dir, cfg.train.steps, start_step=self.step, enabled=main)
@@ -364,11 +365,11 @@ class Trainer:
                     monitor.print(f"saved checkpoint {path}")
         finally:
             self.stop_flag.restore()
-        if self.stop_flag.name == "SIGINT":  # saved; run_training ends the command as interrupted (130)
-            self.pairing.close()
-            monitor.close()
-            return
         self.pairing.close()
+        if self.stop_flag.name == "SIGINT":  # saved: every rank leaves together, then the caller stops
+            monitor.close()
+            self.pg.any(False)
+            raise KeyboardInterrupt
         if cfg.train.eval_at_end and self.step == cfg.train.steps and main:
             from sdfm.evaluate import evaluate_run
 
@@ -694,10 +695,8 @@ def run_training(
             trainer.start_potential(resumed)  # a worker it spawns reads the committed config
             if trainer.step == cfg.train.steps:
                 info(f"{run_dir} is already at step {trainer.step} = train.steps; nothing to train")
-            trainer.train()
+            trainer.train()  # (a Ctrl-C raises KeyboardInterrupt once the ranks left together)
             pg.any(False)  # leave together: rank 0 may still be writing the last checkpoint
-            if trainer.stop_flag.name == "SIGINT":
-                raise KeyboardInterrupt  # after the ranks left together: the checkpoint is saved
         except BaseException as e:
             if env.is_main and folder.replacing:  # --overwrite, and the new run never checkpointed
                 if trainer.worker is not None:

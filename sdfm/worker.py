@@ -194,21 +194,24 @@ def _fit_and_publish(run_dir, cfg, data, device, comm, pg, max_steps: int, log, 
         f"publishing every {p.publish_every} steps"
     )
     steps_here = 0
-    while not pg.any(stop.requested or alive.gone()) and not (max_steps and steps_here >= max_steps):
-        fitter.step()
-        steps_here += 1
-        if fitter.t % p.publish_every == 0:
+    try:  # the handlers go back on every exit (the worker also runs in-process, in tests)
+        while not pg.any(stop.requested or alive.gone()) and not (max_steps and steps_here >= max_steps):
+            fitter.step()
+            steps_here += 1
+            if fitter.t % p.publish_every == 0:
+                version += 1
+                chi2 = published_chi2()
+                if main:
+                    publish(out, fitter, version, chi2, data.fingerprint, p.pca_dim)
+                log(f"worker: step {fitter.t} published version {version} chi2 {chi2:.4g}")
+        if fitter.t % p.publish_every:  # final publish of the last steps
             version += 1
             chi2 = published_chi2()
             if main:
                 publish(out, fitter, version, chi2, data.fingerprint, p.pca_dim)
-            log(f"worker: step {fitter.t} published version {version} chi2 {chi2:.4g}")
-    if fitter.t % p.publish_every:  # final publish of the last steps
-        version += 1
-        chi2 = published_chi2()
-        if main:
-            publish(out, fitter, version, chi2, data.fingerprint, p.pca_dim)
-        log(f"worker: step {fitter.t} published version {version} chi2 {chi2:.4g}; stopping")
+            log(f"worker: step {fitter.t} published version {version} chi2 {chi2:.4g}; stopping")
+    finally:
+        stop.restore()
     return version
 
 

@@ -1,5 +1,7 @@
 import io
 import os
+import sys
+import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,9 +89,22 @@ def run_sdfm(*args) -> CliResult:
 
     out, err = io.StringIO(), io.StringIO()
     code = 0
-    with redirect_stdout(out), redirect_stderr(err):
+    with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             cli.main([str(a) for a in args])
         except SystemExit as e:
+            if isinstance(e.code, str):  # Python prints such a message to stderr and exits 1
+                print(e.code, file=sys.stderr)
             code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
-    return CliResult(code, out.getvalue(), err.getvalue())
+    if code == 130:  # the command saw a Ctrl-C: it was meant for the test run
+        raise KeyboardInterrupt
+    # Warnings a fresh interpreter prints (its default filters hide the deprecation kinds) are part
+    # of what the user sees: the one-line checks must see them too.
+    hidden = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+    shown = "".join(
+        f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}\n"
+        for w in caught
+        if not issubclass(w.category, hidden)
+    )
+    return CliResult(code, out.getvalue(), err.getvalue() + shown)

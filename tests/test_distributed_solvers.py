@@ -142,7 +142,7 @@ def _ranks(rank: int, world: int, keops: bool) -> dict:
 
 
 @pytest.fixture(scope="module")
-def launches() -> dict[int, list[dict]]:
+def launches() -> dict[int, list[dict] | Exception]:
     """What the ranks of each world size returned, launched on first use: once per world size for
     the module whatever order the tests run in (a parametrized module fixture is set up again each
     time the order switches between its parameters, as under pytest-xdist)."""
@@ -154,10 +154,15 @@ def ranks(request, launches) -> tuple[int, list[dict]]:
     world = request.param
     if world not in launches:
         keops = world == 2
-        if keops:  # compile the KeOps formula here once, not in two ranks racing for the cache
-            xk, yk = points(16, 12, 3, seed=5)
-            sinkhorn(xk, yk, SinkhornOptions(backend="keops", **SOLVE))
-        launches[world] = run_local(_ranks, world, args=(keops,), timeout_s=DEADLINE_S)
+        try:
+            if keops:  # compile the KeOps formula here once, not in two ranks racing for the cache
+                xk, yk = points(16, 12, 3, seed=5)
+                sinkhorn(xk, yk, SinkhornOptions(backend="keops", **SOLVE))
+            launches[world] = run_local(_ranks, world, args=(keops,), timeout_s=DEADLINE_S)
+        except Exception as e:  # a failed launch fails every test of its size at once, not after a relaunch each
+            launches[world] = e
+    if isinstance(launches[world], Exception):
+        raise launches[world]
     return world, launches[world]
 
 

@@ -187,6 +187,16 @@ def test_subcommand_help_lists_its_own_options(cmd, flags):
     assert not missing, (missing, r.stdout[:2000])
 
 
+@pytest.mark.slow
+def test_a_refusal_in_a_real_process_is_one_line(tmp_path):
+    """What the in-process refusals (``run_sdfm``) cannot see, output at import or at interpreter exit,
+    checked once in a real ``python -m sdfm``: stderr is the one error line and nothing else."""
+    r = sdfm_process("train", "--run-dir", tmp_path / "run", "--coupling.epsilon", "0")
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: coupling.epsilon"), r.stderr
+
+
 def _assert_clean_error(r, *needles):
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr

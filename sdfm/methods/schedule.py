@@ -180,7 +180,6 @@ def fit_schedule(
     schedule (one generator: the fit is a function of ``seed``). The objective is reported before
     (the linear path) and after on the same 4 batches of (t, x0, y1) draws.
     """
-    stop = TermFlag()  # SIGTERM ends the fit at a step boundary with one line (``Interrupted``)
     y = y.flatten(1).float()
     schedule = MonotoneSchedule(degree, y.shape[1] if per_dim else 1)
     index = None
@@ -202,20 +201,22 @@ def fit_schedule(
     before = score()
     optimizer = torch.optim.Adam(schedule.parameters(), lr=lr)
     start = time.perf_counter()
-    for step in range(steps):
-        if stop.requested:
-            stop.restore()
-            raise Interrupted(
-                f"SIGTERM during the learned schedule's fit (step {step} of {steps}): it runs before the first step, "
-                "so nothing of the run changed; start it again to fit the schedule"
-            )
-        t, x0, y1 = _draws(y, batch, gen)
-        loss = straightness(schedule, t, path_points(schedule, t, x0, y1), y, topk, index)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if log is not None and (step + 1) % max(1, steps // 5) == 0:
-            log(f"schedule: step {step + 1}/{steps}, straightness {loss.item():.4g}")
-    stop.restore()
+    stop = TermFlag()  # SIGTERM ends the fit at a step boundary with one line (``Interrupted``)
+    try:  # the handler goes back on every exit
+        for step in range(steps):
+            if stop.requested:
+                raise Interrupted(
+                    f"SIGTERM during the learned schedule's fit (step {step} of {steps}): it runs before the first step, "
+                    "so nothing of the run changed; start it again to fit the schedule"
+                )
+            t, x0, y1 = _draws(y, batch, gen)
+            loss = straightness(schedule, t, path_points(schedule, t, x0, y1), y, topk, index)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if log is not None and (step + 1) % max(1, steps // 5) == 0:
+                log(f"schedule: step {step + 1}/{steps}, straightness {loss.item():.4g}")
+    finally:
+        stop.restore()
     after = score()
     return ScheduleFit(schedule, before, after, steps, time.perf_counter() - start)

@@ -83,7 +83,9 @@ def fit_setup(cfg: Config, data: Dataset) -> FitSetup:
         candidates=p.candidates,
     )
     max_seconds = p.max_seconds or None
-    budget = FitBudget(max_steps=step_cap(p.max_steps, max_seconds), target_chi2=p.target_chi2, max_seconds=max_seconds)
+    budget = FitBudget(
+        max_steps=step_cap(p.max_steps, max_seconds), target_chi2=p.target_chi2, max_seconds=max_seconds
+    )
     return FitSetup(options, budget, data.labels if cfg.data.conditional else None, source)
 
 

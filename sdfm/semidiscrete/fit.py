@@ -146,7 +146,6 @@ def fit_potential(
             f"potential: method auto -> {fitter.method} (a {fitter.index.match_dim}-dimensional matching "
             f"space; averaged_sgd from {HIGH_DIM}), lr0 {fitter.lr:.3g}, start {fitter.init}"
         )
-    stop = TermFlag() if state_path is not None else None
     window = b.window or _default_window(fitter.n, fitter.batch_size, b.target_chi2)
     eval_samples = b.eval_samples
     if eval_samples is None:
@@ -170,51 +169,53 @@ def fit_potential(
     first_step = fitter.t
     next_check, final_chi2, final_se, converged = window, math.nan, math.nan, False
     final_samples = eval_samples  # the last check's size; with a time budget, sized to fit in it
-    while fitter.t < b.max_steps:
-        if stop is not None and stop.requested:
+    stop = TermFlag() if state_path is not None else None
+    try:  # the handler goes back on every exit: a SIGTERM after the fit is not swallowed by a dead flag
+        while fitter.t < b.max_steps:
+            if stop is not None and stop.requested:
+                state = {"fitter": fitter.state_dict(), "seconds": time.perf_counter() - start}
+                write_atomic(Path(state_path), state_to_bytes(state))
+                raise FitInterrupted(
+                    f"SIGTERM during the potential fit: saved its state at step {fitter.t} to {state_path}"
+                )
+            info = fitter.step()
+            recent.append(info["chi2"])
+            mean = sum(recent) / len(recent)
+            seconds = time.perf_counter() - start
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(chi2=f"{mean:.4f}")
+            if fitter.t % b.log_every == 0:
+                history.append((fitter.t, seconds, mean))
+                if log is not None:
+                    log(
+                        f"potential step {fitter.t} iterate chi2 {info['chi2']:.4f} (mean of {window}: {mean:.4f}; "
+                        "the averaged potential is checked on fresh noise) "
+                        f"eps {info['epsilon']:.3g} lr {info['lr']:.3g} {fitter.t / seconds:.1f} steps/s"
+                    )
+            if eval_samples > 0 and fitter.t >= next_check:
+                # Stop only when a held-out evaluation confirms the target with its error bar: the
+                # one-sided 95% upper bound of χ̂² must be below it (never a negative or lone estimate).
+                final_chi2, final_se = fitter.evaluate_with_error(eval_samples, eval_generator)
+                if log is not None:
+                    log(
+                        f"potential check at step {fitter.t}: {describe_chi2(final_chi2, final_se, b.target_chi2)}"
+                    )
+                if final_chi2 + Z_ONE_SIDED_95 * final_se <= b.target_chi2:
+                    converged = True
+                    break
+                next_check = max(fitter.t + window, math.ceil(1.25 * fitter.t))
+            if b.max_seconds is not None:
+                # The final check is counted in the budget: a check of M samples costs about M / B steps,
+                # and it gets at most a quarter of the budget (fewer samples, a wider error bar, said so).
+                step_s = (time.perf_counter() - start - spent) / max(1, fitter.t - first_step)  # checks included
+                affordable = int(0.25 * b.max_seconds / max(step_s, 1e-9)) * fitter.batch_size
+                final_samples = min(eval_samples, max(2 * fitter.batch_size, affordable)) if eval_samples else 0
+                if seconds + step_s * final_samples / fitter.batch_size >= b.max_seconds:
+                    break
+    finally:
+        if stop is not None:
             stop.restore()
-            state = {"fitter": fitter.state_dict(), "seconds": time.perf_counter() - start}
-            write_atomic(Path(state_path), state_to_bytes(state))
-            raise FitInterrupted(
-                f"SIGTERM during the potential fit: saved its state at step {fitter.t} to {state_path}"
-            )
-        info = fitter.step()
-        recent.append(info["chi2"])
-        mean = sum(recent) / len(recent)
-        seconds = time.perf_counter() - start
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(chi2=f"{mean:.4f}")
-        if fitter.t % b.log_every == 0:
-            history.append((fitter.t, seconds, mean))
-            if log is not None:
-                log(
-                    f"potential step {fitter.t} iterate chi2 {info['chi2']:.4f} (mean of {window}: {mean:.4f}; "
-                    "the averaged potential is checked on fresh noise) "
-                    f"eps {info['epsilon']:.3g} lr {info['lr']:.3g} {fitter.t / seconds:.1f} steps/s"
-                )
-        if eval_samples > 0 and fitter.t >= next_check:
-            # Stop only when a held-out evaluation confirms the target with its error bar: the
-            # one-sided 95% upper bound of χ̂² must be below it (never a negative or lone estimate).
-            final_chi2, final_se = fitter.evaluate_with_error(eval_samples, eval_generator)
-            if log is not None:
-                log(
-                    f"potential check at step {fitter.t}: {describe_chi2(final_chi2, final_se, b.target_chi2)}"
-                )
-            if final_chi2 + Z_ONE_SIDED_95 * final_se <= b.target_chi2:
-                converged = True
-                break
-            next_check = max(fitter.t + window, math.ceil(1.25 * fitter.t))
-        if b.max_seconds is not None:
-            # The final check is counted in the budget: a check of M samples costs about M / B steps,
-            # and it gets at most a quarter of the budget (fewer samples, a wider error bar, said so).
-            step_s = (time.perf_counter() - start - spent) / max(1, fitter.t - first_step)  # checks included
-            affordable = int(0.25 * b.max_seconds / max(step_s, 1e-9)) * fitter.batch_size
-            final_samples = min(eval_samples, max(2 * fitter.batch_size, affordable)) if eval_samples else 0
-            if seconds + step_s * final_samples / fitter.batch_size >= b.max_seconds:
-                break
-    if stop is not None:
-        stop.restore()
     if bar is not None:
         bar.close()
     if not converged:

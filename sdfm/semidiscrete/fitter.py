@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -20,11 +19,10 @@ from sdfm.errors import UserError
 from sdfm.ot.collectives import LOCAL, Collectives, share
 from sdfm.semidiscrete.coarse import coarse_start
 from sdfm.semidiscrete.index import Backend, MatchIndex, Precision
-from sdfm.semidiscrete.methods import METHODS, FitMethod, choose_method
+from sdfm.semidiscrete.methods import METHODS, FitMethod, Method, choose_method
 from sdfm.semidiscrete.problem import SampleSource, SemidiscreteProblem
 from sdfm.semidiscrete.start import INITS, Init, choose_start, gaussian_start
 
-Method = Literal["auto", "sgd_tail", "sgd_ema", "averaged_sgd"]
 FITTER_FORMAT = "sdfm.potential_fitter/1"
 
 __all__ = ["FitterOptions", "PotentialFitter"]

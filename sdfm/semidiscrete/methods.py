@@ -18,15 +18,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
 
 from torch import Tensor
 
 from sdfm.semidiscrete.schedule import tail_lr, tail_weight
 
-__all__ = ["HIGH_DIM", "METHODS", "AveragedSgd", "FitMethod", "SgdEma", "SgdTail", "choose_method", "resolve_method"]
+__all__ = [
+    "HIGH_DIM",
+    "METHODS",
+    "AveragedSgd",
+    "Method",
+    "FitMethod",
+    "SgdEma",
+    "SgdTail",
+    "choose_method",
+    "resolve_method",
+]
 
-METHODS = ("auto", "sgd_tail", "sgd_ema", "averaged_sgd")
+Method = Literal["auto", "sgd_tail", "sgd_ema", "averaged_sgd"]
+METHODS: tuple[str, ...] = get_args(Method)
 HIGH_DIM = 256
 """method='auto' uses averaged_sgd in a matching space of at least HIGH_DIM dimensions, else sgd_tail
 (measured at 64 and 784 dimensions; 256 lies between and is not tuned)."""
@@ -145,7 +156,9 @@ def resolve_method(method: str, match_dim: int) -> str:
     return "averaged_sgd" if match_dim >= HIGH_DIM else "sgd_tail"
 
 
-def choose_method(method: str, match_dim: int, *, ema: float, decay_steps: float, tail_power: float) -> FitMethod:
+def choose_method(
+    method: str, match_dim: int, *, ema: float, decay_steps: float, tail_power: float
+) -> FitMethod:
     """The method object of a fit: 'auto' resolved at ``match_dim``, with the settings it uses."""
     name = resolve_method(method, match_dim)
     if name == "sgd_tail":
