@@ -180,29 +180,29 @@ def fit_schedule(
     schedule (one generator: the fit is a function of ``seed``). The objective is reported before
     (the linear path) and after on the same 4 batches of (t, x0, y1) draws.
     """
-    y = y.flatten(1).float()
-    schedule = MonotoneSchedule(degree, y.shape[1] if per_dim else 1)
-    index = None
-    if topk:
-        from sdfm.semidiscrete import MatchIndex
-
-        index = MatchIndex(torch.cat([y, y * y], 1), precision="fp32")
-        index.set_potential(torch.zeros(len(y)))
-    gen = torch.Generator().manual_seed(seed)
-    evals = [_draws(y, batch, gen) for _ in range(4)]  # fixed (t, x0, y1): x_t follows the schedule
-
-    def score() -> float:
-        total = sum(
-            straightness(schedule, t, path_points(schedule, t, x0, y1), y, topk, index).item()
-            for t, x0, y1 in evals
-        )
-        return float(total / len(evals))
-
-    before = score()
-    optimizer = torch.optim.Adam(schedule.parameters(), lr=lr)
-    start = time.perf_counter()
     stop = TermFlag()  # SIGTERM ends the fit at a step boundary with one line (``Interrupted``)
     try:  # the handler goes back on every exit
+        y = y.flatten(1).float()
+        schedule = MonotoneSchedule(degree, y.shape[1] if per_dim else 1)
+        index = None
+        if topk:
+            from sdfm.semidiscrete import MatchIndex
+
+            index = MatchIndex(torch.cat([y, y * y], 1), precision="fp32")
+            index.set_potential(torch.zeros(len(y)))
+        gen = torch.Generator().manual_seed(seed)
+        evals = [_draws(y, batch, gen) for _ in range(4)]  # fixed (t, x0, y1): x_t follows the schedule
+
+        def score() -> float:
+            total = sum(
+                straightness(schedule, t, path_points(schedule, t, x0, y1), y, topk, index).item()
+                for t, x0, y1 in evals
+            )
+            return float(total / len(evals))
+
+        before = score()
+        optimizer = torch.optim.Adam(schedule.parameters(), lr=lr)
+        start = time.perf_counter()
         for step in range(steps):
             if stop.requested:
                 raise Interrupted(
@@ -216,7 +216,7 @@ def fit_schedule(
             optimizer.step()
             if log is not None and (step + 1) % max(1, steps // 5) == 0:
                 log(f"schedule: step {step + 1}/{steps}, straightness {loss.item():.4g}")
+        after = score()
+        return ScheduleFit(schedule, before, after, steps, time.perf_counter() - start)
     finally:
         stop.restore()
-    after = score()
-    return ScheduleFit(schedule, before, after, steps, time.perf_counter() - start)
