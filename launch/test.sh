@@ -10,9 +10,9 @@ export KEOPS_CACHE_FOLDER="${KEOPS_CACHE_FOLDER:-$root/.cache/keops}"
 export SDFM_CACHE="${SDFM_CACHE:-$root/.cache/sdfm}"
 export MPLBACKEND=Agg
 set +e
-# One pytest worker per core (SDFM_TEST_WORKERS: a number, or 0 for none); the tests that compile KeOps
-# formulas share one worker (--dist loadgroup), and every worker runs its tests on one thread.
-python -m pytest -q -ra --durations=15 -n "${SDFM_TEST_WORKERS:-auto}" --dist loadgroup "$@"
+# One pytest worker per core (SDFM_TEST_WORKERS: a number, or 0 for none), each on one thread with its
+# own KeOps build folder (tests/conftest.py).
+python -m pytest -q -ra --durations=15 -n "${SDFM_TEST_WORKERS:-auto}" "$@"
 rc=$?
 set -e
 # pytest exits 5 when it collected no test: that is a failure here, never a silent pass.

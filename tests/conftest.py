@@ -20,7 +20,9 @@ if WORKER:
     # - one thread each, inherited by the processes they start: two OpenMP pools spin-waiting on two
     #   cores make a test many times slower (see ``one_thread``);
     # - a KeOps build folder each, since two KeOps compilations into one folder corrupt each other
-    #   (the tests that compile are grouped onto one worker, so nothing is compiled twice).
+    #   (a formula two workers need is compiled twice, ~10 s; pytest-xdist's --dist loadgroup, which
+    #   could keep those tests on one worker, has no effect under pytest 9: it renames a node id
+    #   attribute that pytest 9 no longer reads).
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     os.environ["KEOPS_CACHE_FOLDER"] = str(Path(os.environ["KEOPS_CACHE_FOLDER"]) / WORKER)
 

@@ -17,12 +17,9 @@ from sdfm.bench.potential import PotentialBench
 from sdfm.bench.sinkhorn import reference_sinkhorn
 from sdfm.ot.sinkhorn import SinkhornOptions, sinkhorn
 
-# KeOps compiles here: these tests share one pytest-xdist worker (and its KeOps build folder).
-pytestmark = pytest.mark.xdist_group("keops")
 
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory, one_thread):
+@pytest.fixture(scope="session")  # once per xdist worker, even if its tests of this module come in several runs
+def toy(tmp_path_factory):  # (SuiteBench runs on one thread itself)
     path = tmp_path_factory.mktemp("bench") / "suite.json"
     assert suite.SuiteBench(workload="toy", threads=1, device="cpu", json=path).run() == 0
     return json.loads(path.read_text())

@@ -17,9 +17,7 @@ from sdfm.ot.sinkhorn import SinkhornOptions, sinkhorn
 from sdfm.semidiscrete.index import MatchIndex, reference_argmax
 
 DEADLINE_S = 90.0
-# A backstop timeout (run_local itself kills a launch at DEADLINE_S); KeOps compiles here, so these
-# tests share one pytest-xdist worker (and its KeOps build folder).
-pytestmark = [pytest.mark.timeout(4 * DEADLINE_S), pytest.mark.xdist_group("keops")]
+pytestmark = pytest.mark.timeout(4 * DEADLINE_S)  # a backstop: run_local itself kills a launch at DEADLINE_S
 # Rows per rank: uneven, and with 3 ranks one rank holds none.
 ROWS = {2: [37, 27], 3: [30, 0, 34]}
 # Data points per shard (matching), queries per rank.
@@ -141,7 +139,7 @@ def _ranks(rank: int, world: int, keops: bool) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per xdist worker, even if its tests of this module come in several runs
 def launches() -> dict[int, list[dict] | Exception]:
     """What the ranks of each world size returned, launched on first use: once per world size for
     the module whatever order the tests run in (a parametrized module fixture is set up again each

@@ -55,7 +55,7 @@ def run_cli(argv: list[str]) -> int:
     return 0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per xdist worker, even if its tests of this module come in several runs
 def base_run(tmp_path_factory) -> Path:
     """A trained run with complete checkpoints at steps 10 and 20."""
     run = tmp_path_factory.mktemp("base") / "run"

@@ -12,9 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-# KeOps compiles here: these tests share one pytest-xdist worker (and its KeOps build folder).
-pytestmark = pytest.mark.xdist_group("keops")
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

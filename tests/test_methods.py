@@ -277,7 +277,7 @@ def test_resume_is_exact_for_each_method(tmp_path, configure, kind):
     _same_weights(full, _train(cfg(), tmp_path / "b", resume=True))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per xdist worker, even if its tests of this module come in several runs
 def phase1(tmp_path_factory):
     """A phase-1 flow-matching run to fine-tune."""
     run = tmp_path_factory.mktemp("phase1")

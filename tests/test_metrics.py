@@ -204,7 +204,7 @@ def test_normalized_path_energy():
 # ---------------------------------------------------------------- classifier
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per xdist worker, even if its tests of this module come in several runs
 def digits():
     d = load_digits()
     x = torch.tensor(d.images / 16 * 2 - 1, dtype=torch.float32)[:, None]
@@ -213,7 +213,7 @@ def digits():
     return x[order], y[order]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per xdist worker, even if its tests of this module come in several runs
 def trained(digits):
     x, y = digits
     return train_classifier(x[:400], y[:400], x[1400:], y[1400:], epochs=6, batch_size=64, lr=3e-3, seed=0)

@@ -95,7 +95,6 @@ def test_max_iter_caps_and_reports_error():
     assert result.err == pytest.approx(marginal_errors(x, y, result.f, result.g, result.eps)[0], rel=1e-3)
 
 
-@pytest.mark.xdist_group("keops")  # compiles: on the worker of the other KeOps tests
 @pytest.mark.parametrize("cost", ["sqeuclidean", "dot"])
 def test_keops_matches_torch(cost):
     x, y = points(120, 90, 3)
