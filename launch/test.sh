@@ -12,7 +12,7 @@ export MPLBACKEND=Agg
 set +e
 # One pytest worker per core (SDFM_TEST_WORKERS: a number, or 0 for none), each on one thread with its
 # own KeOps build folder (tests/conftest.py).
-python -m pytest -q -ra --durations=15 -n "${SDFM_TEST_WORKERS:-auto}" "$@"
+python -m pytest -q -ra --durations=15 -n "${SDFM_TEST_WORKERS:-auto}" --dist worksteal "$@"
 rc=$?
 set -e
 # pytest exits 5 when it collected no test: that is a failure here, never a silent pass.
