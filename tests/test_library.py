@@ -165,7 +165,9 @@ def test_a_users_own_loop_with_ot_pairs_beats_independent_pairs_at_one_step():
     data = SETS["8gaussians"](4000, torch.Generator().manual_seed(1))
     held_out = SETS["8gaussians"](1000, torch.Generator().manual_seed(2))
     x0 = torch.randn(1000, 2, generator=torch.Generator().manual_seed(3))
-    sd = sdfm.SemidiscreteOT.fit(data, max_seconds=10, generator=torch.Generator().manual_seed(0))
+    # 500 steps (not a time budget: the same fit on any machine): χ̂² 0.031 and W2 1.132 at one step,
+    # against 0.019 and 1.130 for the 10-s fit this test first used.
+    sd = sdfm.SemidiscreteOT.fit(data, max_steps=500, generator=torch.Generator().manual_seed(0))
     w2 = {}
     for name, coupling in (("independent", sdfm.Independent()), ("exact", sdfm.ExactOT()), ("semidiscrete", sd)):
         model = _train_own_loop(coupling, data)
