@@ -178,7 +178,6 @@ def _fit_and_publish(run_dir, cfg, data, device, comm, pg, max_steps: int, log, 
         fitter.load_state_dict(state["fitter"])
         version = int(state["version"])
         log(f"worker: resumed from {state_path} at step {fitter.t}, version {version}")
-    stop = TermFlag((signal.SIGTERM, signal.SIGINT))  # checked between steps; the process then exits
     p = cfg.potential
     # The published χ̂² is that of the published potential (the fitter's average), on 4 fresh batches
     # of its own noise: the per-step χ̂² is the last iterate's, which under sgd_tail is far noisier
@@ -194,6 +193,7 @@ def _fit_and_publish(run_dir, cfg, data, device, comm, pg, max_steps: int, log, 
         f"publishing every {p.publish_every} steps"
     )
     steps_here = 0
+    stop = TermFlag((signal.SIGTERM, signal.SIGINT))  # checked between steps; the process then exits
     try:  # the handlers go back on every exit (the worker also runs in-process, in tests)
         while not pg.any(stop.requested or alive.gone()) and not (max_steps and steps_here >= max_steps):
             fitter.step()

@@ -33,9 +33,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_sdfm
 from safetensors.torch import load_file, save_file
-
-from sdfm import cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,11 +47,11 @@ TINY = [
 
 
 def run_cli(argv: list[str]) -> int:
-    try:
-        cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        return 0 if e.code is None else int(e.code) if isinstance(e.code, int) else 1
-    return 0
+    """``sdfm ARGV`` in this process (``conftest.run_sdfm``), its output printed again for ``capsys``."""
+    r = run_sdfm(*argv)
+    sys.stdout.write(r.stdout)
+    sys.stderr.write(r.stderr)
+    return r.returncode
 
 
 @pytest.fixture(scope="session")  # once per xdist worker, even if its tests of this module come in several runs

@@ -15,7 +15,7 @@ Usage:
   sdfm bench quality --couplings independent exact --finetune-steps 1000 --dopri5
   sdfm bench quality --couplings independent exact --paths linear learned
   sdfm bench quality --tasks fashion-mnist-unet --cells independent:fm exact:fm semidiscrete:fm \
-      semidiscrete:meanflow --steps 1500 --batch-size 64 --dopri5     # the image proof (hours on a CPU)
+      semidiscrete:meanflow --steps 1200 --batch-size 64 --dopri5     # the image proof (hours on a CPU)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -158,7 +158,7 @@ def _pairs(a: QualityBench) -> list[tuple[str, str]]:
     """(coupling, method) of the cells: ``cells`` when given (checked), else couplings x methods."""
     if not a.cells:
         return [(c, m) for c in a.couplings for m in a.methods]
-    couplings, methods = Coupling.__args__, Method.__args__
+    couplings, methods = get_args(Coupling), get_args(Method)
     pairs = []
     for cell in a.cells:
         coupling, _, method = cell.partition(":")

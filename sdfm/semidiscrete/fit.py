@@ -216,8 +216,8 @@ def fit_potential(
     finally:
         if stop is not None:
             stop.restore()
-    if bar is not None:
-        bar.close()
+        if bar is not None:
+            bar.close()
     if not converged:
         if log is not None and 0 < final_samples < eval_samples:
             log(

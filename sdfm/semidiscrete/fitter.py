@@ -142,7 +142,7 @@ class PotentialFitter:
             candidates=o.candidates,
         )
         p = self.problem
-        self.n, self.epsilon, self.ema = p.n, float(o.epsilon), o.ema
+        self.n, self.epsilon = p.n, float(o.epsilon)
         self.rule: FitMethod = choose_method(
             o.method, p.index.match_dim, ema=o.ema, decay_steps=o.decay_steps, tail_power=o.tail_power
         )
