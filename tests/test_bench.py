@@ -256,3 +256,18 @@ def test_quality_cells_and_the_cpu_unet_preset(tmp_path):
     task = task_config("fashion-mnist-unet", "semidiscrete", 1500, 0, 64)
     assert task.model == preset.model and task.data.max_points == preset.data.max_points == 0
     assert task.potential.pca_dim == preset.potential.pca_dim == 64
+
+
+def test_potential_bench_passes_its_start_and_tail_power_to_the_fitter(tmp_path):
+    """--init and --tail-power reach the fit: the start is reported, and another η averages other
+    iterates (at step 2, weights 1/2 against 4/5), so the potential scores differently."""
+    chi2 = {}
+    for eta in (0.0, 3.0):
+        out = tmp_path / f"p{eta}.json"
+        bench = PotentialBench(data="digits", at_steps=[2], methods=["sgd_tail"], eval_samples=1024,
+                               batch_size=256, threads=1, init="gaussian", tail_power=eta, json=out)  # fmt: skip
+        assert bench.run() == 0
+        (run,) = json.loads(out.read_text())["methods"]
+        assert run["settings"]["init"] == "gaussian"
+        chi2[eta] = run["rows"][0]["chi2"]
+    assert chi2[0.0] != chi2[3.0]
